@@ -1,0 +1,22 @@
+"""ctxpar: context parallelism for PyTorch (ring, Ulysses, hierarchical and all-gather
+attention across a sequence-sharded CP group, plus In-Place test-time training).
+
+Tensor layout: ``[batch, seq, heads, head_dim]``; LSE ``[batch, heads, seq]``.
+"""
+from .attention import METHODS, AttentionConfig, attention
+from .comms import CommCounters, comm_counters
+from .layouts import LAYOUTS, position_ids, shard, unshard
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "AttentionConfig",
+    "attention",
+    "LAYOUTS",
+    "CommCounters",
+    "comm_counters",
+    "position_ids",
+    "shard",
+    "unshard",
+]

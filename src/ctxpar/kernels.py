@@ -1,0 +1,261 @@
+"""Local attention kernels for one (query block, key/value block) pair, and the LSE merge.
+
+``block_forward(q, k, v, band=..., scale=...) -> (out, lse)`` and ``block_backward`` are the
+only compute primitives the CP methods use. Shapes (the library-wide convention):
+
+    q, out, dout : [B, Sq, Hq, D]       k, v, dk, dv : [B, Sk, Hkv, D]       lse : [B, Hq, Sq]
+
+``Hq`` must be a multiple of ``Hkv`` (GQA/MQA): query head h reads key/value head
+``h // (Hq // Hkv)``. K/V are never copied to Hq heads (an expanded stride-0 view is used).
+
+``lse`` is fp32 (fp64 for fp64 inputs); ``out`` is in the input dtype. A row that sees no
+key has ``out = 0`` and ``lse = -inf``, in every backend, so the merge can ignore it.
+
+Backends (``backend="auto"`` picks the first that applies):
+
+- ``"cpu_flash"``: torch's fused CPU flash kernel (``aten._scaled_dot_product_flash_attention_for_cpu``),
+  which returns the LSE and has a backward that takes the saved output and LSE, so no
+  recomputation of the forward is needed. Supports fp64/fp32/bf16/fp16 and float masks.
+- ``"cuda_flash"`` / ``"cuda_efficient"``: torch's fused CUDA kernels (half types / fp32).
+- ``"math"``: a plain matmul-softmax path in fp32/fp64, used for float64 on CUDA and as a
+  fallback; never materialises more than one block's scores.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .masks import Band
+
+__all__ = ["block_forward", "block_backward", "merge_into", "BACKENDS", "pick_backend"]
+
+BACKENDS = ("auto", "cpu_flash", "cuda_flash", "cuda_efficient", "math")
+_NEG_INF = float("-inf")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp64 for fp64 inputs, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pick_backend(q: torch.Tensor, backend: str = "auto") -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    if q.device.type == "cpu":
+        return "cpu_flash"
+    if q.device.type == "cuda":
+        if q.dtype in (torch.float16, torch.bfloat16):
+            return "cuda_flash"
+        if q.dtype == torch.float32:
+            return "cuda_efficient"
+    return "math"
+
+
+def _bhsd(x: torch.Tensor) -> torch.Tensor:
+    # [B, S, H, D] -> [B, H, S, D] as a view: the fused kernels read through strides.
+    return x.transpose(1, 2)
+
+
+def _expand_heads(kv: torch.Tensor, hq: int) -> torch.Tensor:
+    """[B, H, S, D] with Hkv heads -> a stride-0 view with Hq heads (no copy)."""
+    b, hkv, s, d = kv.shape
+    if hkv == hq:
+        return kv
+    return kv.unsqueeze(2).expand(b, hkv, hq // hkv, s, d).flatten(1, 2)
+
+
+def _fold_heads(g: torch.Tensor, hkv: int) -> torch.Tensor:
+    """Sum a gradient over the query heads sharing one K/V head: [B, Hq, S, D] -> [B, Hkv, S, D]."""
+    b, hq, s, d = g.shape
+    if hq == hkv:
+        return g
+    return g.view(b, hkv, hq // hkv, s, d).sum(2)
+
+
+def _float_mask(band: Band, lq: int, lk: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    vis = band.dense(lq, lk, device)
+    mask = torch.zeros(lq, lk, dtype=dtype, device=device).masked_fill_(~vis, _NEG_INF)
+    return mask, vis.any(1)
+
+
+def _causal_shift(band: Band) -> int | None:
+    """For a band ``lo <= i - j`` with no upper bound and ``lo >= 0``, the row shift that
+    turns it into a plain top-left causal mask; None when the band is not of that kind."""
+    if band.hi is None and band.lo is not None and band.lo >= 0:
+        return band.lo
+    return None
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def block_forward(q, k, v, *, band: Band, scale: float, backend: str = "auto"):
+    """Attention of ``q`` against ``k``/``v`` under ``band``; returns ``(out, lse)``."""
+    backend = pick_backend(q, backend)
+    b, lq, hq, d = q.shape
+    lk = k.shape[1]
+    shift = _causal_shift(band)
+    if shift is not None and shift > 0:
+        # Rows i < shift see nothing; the rest is causal on q[shift:] vs k[:lk - shift].
+        out = q.new_zeros(b, lq, hq, v.shape[-1])
+        lse = torch.full((b, hq, lq), _NEG_INF, dtype=acc_dtype(q.dtype), device=q.device)
+        if shift < lq and lk - shift > 0:
+            o, l = block_forward(q[:, shift:], k[:, : lk], v[:, : lk], band=Band(0, None),
+                                 scale=scale, backend=backend)
+            out[:, shift:] = o
+            lse[:, :, shift:] = l
+        return out, lse
+    if backend == "math":
+        return _math_forward(q, k, v, band, scale)
+    qt, kt, vt = _bhsd(q), _expand_heads(_bhsd(k), hq), _expand_heads(_bhsd(v), hq)
+    is_causal = band.lo == 0 and band.hi is None
+    mask, has_key = None, None
+    if not band.is_full and not is_causal:
+        mask, has_key = _float_mask(band, lq, lk, q.dtype, q.device)
+    if backend == "cpu_flash":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qt, kt, vt, 0.0, is_causal, attn_mask=mask, scale=scale)
+    elif backend in ("cuda_flash", "cuda_efficient"):
+        out, lse = _cuda_forward(backend, qt, kt, vt, is_causal, mask, scale)
+    else:
+        raise ValueError(f"backend {backend!r} cannot run on {q.device}")
+    lse = lse.to(acc_dtype(q.dtype))
+    if has_key is not None and not bool(has_key.all()):
+        # Fused kernels report lse = 0 for rows whose keys are all masked; make them -inf
+        # so the merge gives them zero weight.
+        lse = lse.masked_fill(~has_key, _NEG_INF)
+        out = out.masked_fill(~has_key[:, None], 0.0)
+    return out.transpose(1, 2), lse
+
+
+def _cuda_forward(backend, qt, kt, vt, is_causal, mask, scale):
+    if backend == "cuda_flash" and mask is None:
+        res = torch.ops.aten._scaled_dot_product_flash_attention(
+            qt, kt, vt, 0.0, is_causal, False, scale=scale)
+        return res[0], res[1]
+    bias = None if mask is None else mask.expand(qt.shape[0], qt.shape[1], -1, -1)
+    res = torch.ops.aten._scaled_dot_product_efficient_attention(
+        qt, kt, vt, bias, True, 0.0, is_causal, scale=scale)
+    return res[0], res[1][..., : qt.shape[2]]
+
+
+def _scores(q, k, scale, cdt):
+    # q: [B, Sq, Hq, D], k: [B, Sk, Hkv, D] -> [B, Hkv, G, Sq, Sk] without expanding K.
+    b, lq, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.to(cdt).view(b, lq, hkv, hq // hkv, d)
+    return torch.einsum("bqhgd,bkhd->bhgqk", qg, k.to(cdt)) * scale
+
+
+def _math_forward(q, k, v, band, scale):
+    cdt = acc_dtype(q.dtype)
+    b, lq, hq, d = q.shape
+    hkv, lk = k.shape[2], k.shape[1]
+    s = _scores(q, k, scale, cdt)
+    if not band.is_full:
+        s = s.masked_fill(~band.dense(lq, lk, q.device), _NEG_INF)
+    lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, G, Sq]; -inf for rows with no key
+    p = torch.exp(s - lse.masked_fill(lse == _NEG_INF, 0.0)[..., None])
+    out = torch.einsum("bhgqk,bkhd->bqhgd", p, v.to(cdt)).reshape(b, lq, hq, v.shape[-1])
+    return out.to(q.dtype), lse.reshape(b, hq, lq)
+
+
+# -------------------------------------------------------------------------- backward
+
+
+def block_backward(dout, q, k, v, out, lse, *, band: Band, scale: float, backend: str = "auto"):
+    """Gradients of one block given the *global* ``out`` and ``lse`` of these query rows.
+
+    With the global normaliser, ``P = exp(S - lse)`` is this block's slice of the full
+    softmax and ``D = rowsum(dout * out)`` is the full-row term, so block gradients add up
+    to the exact full gradient with no recomputation of the forward. Returns
+    ``(dq, dk, dv)`` in fp32 (fp64 for fp64 inputs), ``dk``/``dv`` with Hkv heads."""
+    backend = pick_backend(q, backend)
+    cdt = acc_dtype(q.dtype)
+    b, lq, hq, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    shift = _causal_shift(band)
+    if shift is not None and shift > 0:
+        dq = torch.zeros(b, lq, hq, d, dtype=cdt, device=q.device)
+        dk = torch.zeros(b, lk, hkv, d, dtype=cdt, device=q.device)
+        dv = torch.zeros(b, lk, hkv, v.shape[-1], dtype=cdt, device=q.device)
+        if shift < lq:
+            g = block_backward(dout[:, shift:], q[:, shift:], k, v, out[:, shift:],
+                               lse[:, :, shift:], band=Band(0, None), scale=scale, backend=backend)
+            dq[:, shift:] = g[0]
+            dk += g[1]
+            dv += g[2]
+        return dq, dk, dv
+    # A row with no key anywhere has lse = -inf; +inf makes every P = exp(S - lse) exactly
+    # 0 instead of exp(-inf + inf) = NaN.
+    lse = lse.masked_fill(lse == _NEG_INF, float("inf"))
+    if backend == "math":
+        return _math_backward(dout, q, k, v, out, lse, band, scale)
+    qt, kt, vt = _bhsd(q), _expand_heads(_bhsd(k), hq), _expand_heads(_bhsd(v), hq)
+    is_causal = band.lo == 0 and band.hi is None
+    mask = None
+    if not band.is_full and not is_causal:
+        mask, _ = _float_mask(band, lq, lk, q.dtype, q.device)
+    if backend == "cpu_flash":
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _bhsd(dout), qt, kt, vt, _bhsd(out), lse.to(torch.float32 if q.dtype != torch.float64 else q.dtype),
+            0.0, is_causal, attn_mask=mask, scale=scale)
+    else:
+        dq, dk, dv = _cuda_backward(backend, _bhsd(dout), qt, kt, vt, _bhsd(out), lse, is_causal, mask, scale)
+    return (dq.transpose(1, 2).to(cdt), _fold_heads(dk.to(cdt), hkv).transpose(1, 2),
+            _fold_heads(dv.to(cdt), hkv).transpose(1, 2))
+
+
+def _cuda_backward(backend, dot, qt, kt, vt, ot, lse, is_causal, mask, scale):
+    lq, lk = qt.shape[2], kt.shape[2]
+    empty = torch.empty(0, device=qt.device)
+    if backend == "cuda_flash" and mask is None:
+        cum_q = torch.empty(0, dtype=torch.int32, device=qt.device)
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dot, qt, kt, vt, ot, lse.float().contiguous(), cum_q, cum_q, lq, lk, 0.0, is_causal,
+            empty, empty, scale=scale)
+    bias = None if mask is None else mask.expand(qt.shape[0], qt.shape[1], -1, -1)
+    g = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        dot, qt, kt, vt, bias, ot, lse.float().contiguous(), empty, empty, 0.0,
+        [True, True, True, False], is_causal, scale=scale)
+    return g[0], g[1], g[2]
+
+
+def _math_backward(dout, q, k, v, out, lse, band, scale):
+    cdt = acc_dtype(q.dtype)
+    b, lq, hq, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    s = _scores(q, k, scale, cdt)
+    if not band.is_full:
+        s = s.masked_fill(~band.dense(lq, lk, q.device), _NEG_INF)
+    p = torch.exp(s - lse.to(cdt).view(b, hkv, g, lq)[..., None])
+    do = dout.to(cdt).view(b, lq, hkv, g, -1)
+    dv = torch.einsum("bhgqk,bqhgd->bkhd", p, do)
+    dp = torch.einsum("bqhgd,bkhd->bhgqk", do, v.to(cdt))
+    delta = (do * out.to(cdt).view(b, lq, hkv, g, -1)).sum(-1).permute(0, 2, 3, 1)  # [B,Hkv,G,Sq]
+    ds = p * (dp - delta[..., None]) * scale
+    dq = torch.einsum("bhgqk,bkhd->bqhgd", ds, k.to(cdt)).reshape(b, lq, hq, d)
+    dk = torch.einsum("bhgqk,bqhgd->bkhd", ds, q.to(cdt).view(b, lq, hkv, g, d))
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_b: torch.Tensor,
+               lse_b: torch.Tensor) -> None:
+    """Fold a block result into running accumulators, in place.
+
+    ``out_acc``: [B, S, H, D] (fp32/fp64) and ``lse_acc``: [B, H, S], usually views of the
+    rows the block covers. With ``w = sigmoid(lse_b - lse)`` (the block's share of the new
+    normaliser), ``out <- out - w (out - out_b)`` and ``lse <- logaddexp(lse, lse_b)``.
+    A block row with ``lse_b = -inf`` saw no key and gets ``w = 0``, which also avoids the
+    ``-inf - (-inf)`` NaN when neither side has seen a key yet."""
+    w = torch.sigmoid(lse_b - lse_acc)
+    w = w.masked_fill_(lse_b == _NEG_INF, 0.0)
+    out_acc.sub_((out_acc - out_b) * w.transpose(1, 2).unsqueeze(-1))
+    torch.logaddexp(lse_acc, lse_b, out=lse_acc)

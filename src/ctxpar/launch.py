@@ -1,0 +1,166 @@
+"""Local rank pools: N processes on this machine, joined in one torch.distributed group.
+
+Used by the test suite (one pool per world size, spawned once per pytest session) and by
+the CLI when it is not started under ``torchrun``. Rendezvous goes through a
+``FileStore`` in a private temporary directory: no fixed ports, nothing to collide with.
+
+A function shipped to the pool must be importable by name (a module-level function). Each
+rank returns its result, or its traceback tagged with its rank. A rank that hangs (for
+example in a collective its peers never join) makes :meth:`RankPool.run` raise
+:class:`RankTimeout` after the timeout; the pool is then dead and is respawned by its owner.
+"""
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Callable
+
+__all__ = ["RankPool", "RankError", "RankTimeout"]
+
+
+class RankError(RuntimeError):
+    """One or more ranks raised; ``failures`` maps rank -> formatted traceback, and
+    ``exc_types`` maps rank -> the exception's type name."""
+
+    def __init__(self, failures: dict[int, str], exc_types: dict[int, str]):
+        self.failures = failures
+        self.exc_types = exc_types
+        body = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))
+        super().__init__(f"{len(failures)} rank(s) failed: {sorted(failures)}\n{body}")
+
+
+class RankTimeout(RuntimeError):
+    """Some ranks did not answer in time (a hang, e.g. in a collective)."""
+
+
+def _worker(rank, world, store_path, backend, threads, tasks, results, sys_path, env, timeout_s):
+    sys.path[:] = sys_path
+    os.environ.update(env)
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group(
+        backend, store=store, rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    results.put(("ready", rank, True, None, None))
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        task_id, fn, args, kwargs = task
+        try:
+            out = fn(*args, **kwargs)
+            results.put((task_id, rank, True, out, None))
+        except BaseException as e:  # noqa: BLE001 - everything goes back to the caller
+            results.put((task_id, rank, False, traceback.format_exc(), type(e).__name__))
+    dist.destroy_process_group()
+
+
+class RankPool:
+    """``world_size`` local processes in one gloo (or nccl) group.
+
+    >>> with RankPool(2) as pool:
+    ...     outs = pool.run(my_module.fn, arg)   # [result of rank 0, result of rank 1]
+    """
+
+    def __init__(self, world_size: int, *, backend: str = "gloo", threads: int = 1,
+                 env: dict[str, str] | None = None, collective_timeout_s: float = 120.0,
+                 start_timeout_s: float = 120.0):
+        self.world_size = world_size
+        self._dir = tempfile.mkdtemp(prefix="ctxpar-pool-")
+        ctx = mp.get_context("spawn")
+        self._results = ctx.Queue()
+        self._tasks = [ctx.Queue() for _ in range(world_size)]
+        self._procs = []
+        self._next_id = 0
+        self.alive = True
+        for r in range(world_size):
+            p = ctx.Process(
+                target=_worker,
+                args=(r, world_size, os.path.join(self._dir, "store"), backend, threads,
+                      self._tasks[r], self._results, list(sys.path), dict(env or {}),
+                      collective_timeout_s),
+                daemon=True,
+            )
+            p.start()
+            self._procs.append(p)
+        self._collect("ready", start_timeout_s)
+
+    def _collect(self, task_id, timeout: float, grace: float = 5.0) -> dict[int, tuple]:
+        got: dict[int, tuple] = {}
+        deadline = time.monotonic() + timeout
+        while len(got) < self.world_size:
+            failed = any(not ok for ok, *_ in got.values())
+            crashed = any(not p.is_alive() for p in self._procs)
+            if failed or crashed:
+                # A rank failed or died: its peers may be stuck waiting for it; give them
+                # a short grace period, not the whole timeout.
+                deadline = min(deadline, time.monotonic() + grace)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                tid, rank, ok, payload, etype = self._results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                continue
+            if tid == task_id:
+                got[rank] = (ok, payload, etype)
+        missing = sorted(set(range(self.world_size)) - set(got))
+        failures = {r: p for r, (ok, p, _) in got.items() if not ok}
+        if missing:
+            self.close(kill=True)
+            msg = f"ranks {missing} did not answer within {timeout:.0f}s (hang or crash)"
+            if failures:
+                raise RankError(failures, {r: e for r, (ok, _, e) in got.items() if not ok}) from RankTimeout(msg)
+            raise RankTimeout(msg)
+        return got
+
+    def run(self, fn: Callable[..., Any], *args, timeout: float = 120.0, **kwargs) -> list[Any]:
+        """Run ``fn(*args, **kwargs)`` on every rank; return the results in rank order.
+        Raises :class:`RankError` if any rank raised, :class:`RankTimeout` on a hang."""
+        if not self.alive:
+            raise RuntimeError("this RankPool has been closed")
+        self._next_id += 1
+        tid = self._next_id
+        for q in self._tasks:
+            q.put((tid, fn, args, kwargs))
+        got = self._collect(tid, timeout)
+        failures = {r: p for r, (ok, p, _) in got.items() if not ok}
+        if failures:
+            if len(failures) < self.world_size:
+                # Mixed outcome: the survivors may have traffic in flight that the failed
+                # ranks never matched. The group is no longer trustworthy.
+                self.close(kill=True)
+            raise RankError(failures, {r: e for r, (ok, _, e) in got.items() if not ok})
+        return [got[r][1] for r in range(self.world_size)]
+
+    def close(self, kill: bool = False) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        if not kill:
+            for q in self._tasks:
+                q.put(None)
+            for p in self._procs:
+                p.join(timeout=10)
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> "RankPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(kill=exc[0] is not None)
