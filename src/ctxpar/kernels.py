@@ -75,10 +75,16 @@ def _fold_heads(g: torch.Tensor, hkv: int) -> torch.Tensor:
     return g.view(b, hkv, hq // hkv, s, d).sum(2)
 
 
-def _float_mask(band: Band, lq: int, lk: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    vis = band.dense(lq, lk, device)
-    mask = torch.zeros(lq, lk, dtype=dtype, device=device).masked_fill_(~vis, _NEG_INF)
-    return mask, vis.any(1)
+def _visibility(band: Band, mask: torch.Tensor | None, lq: int, lk: int, device):
+    """Boolean [lq, lk] visibility from a band and an optional extra mask; None if full."""
+    if mask is None:
+        return None if band.is_full else band.dense(lq, lk, device)
+    return mask if band.is_full else mask & band.dense(lq, lk, device)
+
+
+def _additive(vis: torch.Tensor, dtype) -> torch.Tensor:
+    """The fused kernels take masks as additive biases of the input dtype."""
+    return torch.zeros(vis.shape, dtype=dtype, device=vis.device).masked_fill_(~vis, _NEG_INF)
 
 
 def _causal_shift(band: Band) -> int | None:
@@ -92,11 +98,15 @@ def _causal_shift(band: Band) -> int | None:
 # --------------------------------------------------------------------------- forward
 
 
-def block_forward(q, k, v, *, band: Band, scale: float, backend: str = "auto"):
-    """Attention of ``q`` against ``k``/``v`` under ``band``; returns ``(out, lse)``."""
+def block_forward(q, k, v, *, band: Band, scale: float, backend: str = "auto",
+                  mask: torch.Tensor | None = None):
+    """Attention of ``q`` against ``k``/``v`` under ``band`` (and the boolean ``[Sq, Sk]``
+    ``mask`` when given, e.g. same-document); returns ``(out, lse)``."""
     backend = pick_backend(q, backend)
     b, lq, hq, d = q.shape
     lk = k.shape[1]
+    if mask is not None:
+        return _masked_forward(q, k, v, band, mask, scale, backend)
     shift = _causal_shift(band)
     if shift is not None and shift > 0:
         # Rows i < shift see nothing; the rest is causal on q[shift:] vs k[:lk - shift].
@@ -108,13 +118,24 @@ def block_forward(q, k, v, *, band: Band, scale: float, backend: str = "auto"):
             out[:, shift:] = o
             lse[:, :, shift:] = l
         return out, lse
-    if backend == "math":
-        return _math_forward(q, k, v, band, scale)
-    qt, kt, vt = _bhsd(q), _expand_heads(_bhsd(k), hq), _expand_heads(_bhsd(v), hq)
     is_causal = band.lo == 0 and band.hi is None
-    mask, has_key = None, None
-    if not band.is_full and not is_causal:
-        mask, has_key = _float_mask(band, lq, lk, q.dtype, q.device)
+    # The fused kernels take causality as a flag; every other band becomes a dense mask.
+    vis = None if is_causal and backend != "math" else _visibility(band, None, lq, lk, q.device)
+    return _fused_or_math_forward(q, k, v, vis, is_causal and vis is None, scale, backend)
+
+
+def _masked_forward(q, k, v, band, mask, scale, backend):
+    return _fused_or_math_forward(q, k, v, _visibility(band, mask, q.shape[1], k.shape[1], q.device),
+                                  False, scale, backend)
+
+
+def _fused_or_math_forward(q, k, v, vis, is_causal, scale, backend):
+    hq = q.shape[2]
+    if backend == "math":
+        return _math_forward(q, k, v, vis, scale)
+    qt, kt, vt = _bhsd(q), _expand_heads(_bhsd(k), hq), _expand_heads(_bhsd(v), hq)
+    mask = None if vis is None else _additive(vis, q.dtype)
+    has_key = None if vis is None else vis.any(1)
     if backend == "cpu_flash":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qt, kt, vt, 0.0, is_causal, attn_mask=mask, scale=scale)
@@ -150,13 +171,12 @@ def _scores(q, k, scale, cdt):
     return torch.einsum("bqhgd,bkhd->bhgqk", qg, k.to(cdt)) * scale
 
 
-def _math_forward(q, k, v, band, scale):
+def _math_forward(q, k, v, vis, scale):
     cdt = acc_dtype(q.dtype)
     b, lq, hq, d = q.shape
-    hkv, lk = k.shape[2], k.shape[1]
     s = _scores(q, k, scale, cdt)
-    if not band.is_full:
-        s = s.masked_fill(~band.dense(lq, lk, q.device), _NEG_INF)
+    if vis is not None:
+        s = s.masked_fill(~vis, _NEG_INF)
     lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, G, Sq]; -inf for rows with no key
     p = torch.exp(s - lse.masked_fill(lse == _NEG_INF, 0.0)[..., None])
     out = torch.einsum("bhgqk,bkhd->bqhgd", p, v.to(cdt)).reshape(b, lq, hq, v.shape[-1])
@@ -166,7 +186,8 @@ def _math_forward(q, k, v, band, scale):
 # -------------------------------------------------------------------------- backward
 
 
-def block_backward(dout, q, k, v, out, lse, *, band: Band, scale: float, backend: str = "auto"):
+def block_backward(dout, q, k, v, out, lse, *, band: Band, scale: float, backend: str = "auto",
+                   mask: torch.Tensor | None = None):
     """Gradients of one block given the *global* ``out`` and ``lse`` of these query rows.
 
     With the global normaliser, ``P = exp(S - lse)`` is this block's slice of the full
@@ -177,7 +198,7 @@ def block_backward(dout, q, k, v, out, lse, *, band: Band, scale: float, backend
     cdt = acc_dtype(q.dtype)
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
-    shift = _causal_shift(band)
+    shift = None if mask is not None else _causal_shift(band)
     if shift is not None and shift > 0:
         dq = torch.zeros(b, lq, hq, d, dtype=cdt, device=q.device)
         dk = torch.zeros(b, lk, hkv, d, dtype=cdt, device=q.device)
@@ -192,17 +213,15 @@ def block_backward(dout, q, k, v, out, lse, *, band: Band, scale: float, backend
     # A row with no key anywhere has lse = -inf; +inf makes every P = exp(S - lse) exactly
     # 0 instead of exp(-inf + inf) = NaN.
     lse = lse.masked_fill(lse == _NEG_INF, float("inf"))
+    is_causal = mask is None and band.lo == 0 and band.hi is None
     if backend == "math":
-        return _math_backward(dout, q, k, v, out, lse, band, scale)
+        return _math_backward(dout, q, k, v, out, lse, _visibility(band, mask, lq, lk, q.device), scale)
+    vis = None if is_causal else _visibility(band, mask, lq, lk, q.device)
+    mask = None if vis is None else _additive(vis, q.dtype)
     qt, kt, vt = _bhsd(q), _expand_heads(_bhsd(k), hq), _expand_heads(_bhsd(v), hq)
-    is_causal = band.lo == 0 and band.hi is None
-    mask = None
-    if not band.is_full and not is_causal:
-        mask, _ = _float_mask(band, lq, lk, q.dtype, q.device)
     if backend == "cpu_flash":
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            _bhsd(dout), qt, kt, vt, _bhsd(out), lse.to(torch.float32 if q.dtype != torch.float64 else q.dtype),
-            0.0, is_causal, attn_mask=mask, scale=scale)
+            _bhsd(dout), qt, kt, vt, _bhsd(out), lse, 0.0, is_causal, attn_mask=mask, scale=scale)
     else:
         dq, dk, dv = _cuda_backward(backend, _bhsd(dout), qt, kt, vt, _bhsd(out), lse, is_causal, mask, scale)
     return (dq.transpose(1, 2).to(cdt), _fold_heads(dk.to(cdt), hkv).transpose(1, 2),
@@ -224,14 +243,14 @@ def _cuda_backward(backend, dot, qt, kt, vt, ot, lse, is_causal, mask, scale):
     return g[0], g[1], g[2]
 
 
-def _math_backward(dout, q, k, v, out, lse, band, scale):
+def _math_backward(dout, q, k, v, out, lse, vis, scale):
     cdt = acc_dtype(q.dtype)
     b, lq, hq, d = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
+    hkv = k.shape[2]
     g = hq // hkv
     s = _scores(q, k, scale, cdt)
-    if not band.is_full:
-        s = s.masked_fill(~band.dense(lq, lk, q.device), _NEG_INF)
+    if vis is not None:
+        s = s.masked_fill(~vis, _NEG_INF)
     p = torch.exp(s - lse.to(cdt).view(b, hkv, g, lq)[..., None])
     do = dout.to(cdt).view(b, lq, hkv, g, -1)
     dv = torch.einsum("bhgqk,bqhgd->bkhd", p, do)

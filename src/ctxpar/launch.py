@@ -164,3 +164,36 @@ class RankPool:
 
     def __exit__(self, *exc) -> None:
         self.close(kill=exc[0] is not None)
+
+
+def under_torchrun() -> bool:
+    """True when started by torchrun (or any launcher that sets RANK and WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def run_job(fn: Callable[..., Any], *args, nproc: int = 2, device: str = "cpu",
+            timeout: float = 3600.0, threads: int = 1, **kwargs) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on every rank and return the results in rank order.
+
+    Under torchrun this process is one rank: the process group is initialised from the
+    environment (NCCL for CUDA, gloo otherwise), ``fn`` runs here, and the list holds only
+    this rank's result. Otherwise ``nproc`` local gloo processes are spawned. A rank
+    failure raises :class:`RankError` carrying its traceback; Ctrl-C kills every rank."""
+    if under_torchrun():
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            backend = "nccl" if device == "cuda" else "gloo"
+            if device == "cuda":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend)
+        return [fn(*args, **kwargs)]
+    pool = RankPool(nproc, threads=threads)
+    try:
+        return pool.run(fn, *args, timeout=timeout, **kwargs)
+    except BaseException:
+        pool.close(kill=True)
+        raise
+    finally:
+        pool.close()

@@ -15,6 +15,7 @@ bound that binds, and an empty block has ``lo > hi`` (it is skipped: no compute,
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -103,19 +104,30 @@ def segment_band(qs: Segment, ks: Segment, causal: bool, window: tuple[int, int]
 
 def plan_tiles(layout: str, world: int, seq_len: int, q_rank: int, kv_rank: int, *,
                causal: bool, window: tuple[int, int] = (-1, -1)) -> list[Tile]:
-    """Tiles that rank ``q_rank``'s queries must compute against ``kv_rank``'s keys.
+    """Tiles that rank ``q_rank``'s queries must compute against ``kv_rank``'s keys, for a
+    plain (unpacked) sequence; see :func:`plan_segments`."""
+    return plan_segments(tuple(local_segments(layout, q_rank, world, seq_len)),
+                         tuple(local_segments(layout, kv_rank, world, seq_len)),
+                         causal=causal, window=window, diagonal=q_rank == kv_rank)
 
-    Fully visible segment pairs are merged into as few rectangles as possible, so that e.g.
-    a zigzag step from an earlier rank is one ``2c x c`` call and from a later one a
-    ``c x 2c`` call, as in the balanced schedule."""
-    qsegs = local_segments(layout, q_rank, world, seq_len)
-    ksegs = local_segments(layout, kv_rank, world, seq_len)
+
+@functools.lru_cache(maxsize=4096)
+def plan_segments(qsegs: tuple, ksegs: tuple, *, causal: bool,
+                  window: tuple[int, int] = (-1, -1), diagonal: bool = False) -> list[Tile]:
+    """Tiles for query segments ``qsegs`` against key segments ``ksegs`` (local order).
+
+    Segments may carry a ``doc`` attribute (packed documents; ``-1`` marks padding): pairs
+    from different documents, or involving padding, are skipped outright. ``diagonal``
+    says both sides are the same tokens. Fully visible segment pairs are merged into as few
+    rectangles as possible, so that e.g. a zigzag step from an earlier rank is one
+    ``2c x c`` call and from a later one a ``c x 2c`` call, as in the balanced schedule."""
     n_q = sum(s.length for s in qsegs)
     n_k = sum(s.length for s in ksegs)
     windowed = window[0] >= 0 or window[1] >= 0
-    if not causal and not windowed:
+    packed = any(getattr(s, "doc", 0) != 0 for s in qsegs + ksegs)
+    if not causal and not windowed and not packed:
         return [Tile(0, n_q, 0, n_k, FULL)]
-    if q_rank == kv_rank and causal and not windowed:
+    if diagonal and causal and not windowed and not packed:
         # Local positions increase along the local order in every layout, so the
         # diagonal block is plain causal on the concatenated local sequence.
         return [Tile(0, n_q, 0, n_k, CAUSAL)]
@@ -129,7 +141,10 @@ def plan_tiles(layout: str, world: int, seq_len: int, q_rank: int, kv_rank: int,
     full_rows: list[tuple[int, int, tuple[tuple[int, int], ...]]] = []
     for qi, qs in enumerate(qsegs):
         full_ranges: list[tuple[int, int]] = []
+        q_doc = getattr(qs, "doc", 0)
         for ki, ks in enumerate(ksegs):
+            if q_doc < 0 or getattr(ks, "doc", 0) != q_doc:
+                continue
             band = segment_band(qs, ks, causal, window)
             if band is None:
                 continue
@@ -150,13 +165,13 @@ def plan_tiles(layout: str, world: int, seq_len: int, q_rank: int, kv_rank: int,
     return tiles + banded
 
 
-def ring_steps(layout: str, world: int, seq_len: int, *, causal: bool,
-               window: tuple[int, int] = (-1, -1)) -> int:
+def ring_steps(segments_of, world: int, *, causal: bool, window: tuple[int, int] = (-1, -1)) -> int:
     """How many ring steps are needed: 1 + the farthest hop at which any rank still has a
-    tile to compute. Equal to ``world`` unless a window keeps every rank's reach short."""
+    tile to compute. Equal to ``world`` unless a window keeps every rank's reach short.
+    ``segments_of(rank)`` gives a rank's segments (a tuple)."""
     steps = 1
     for s in range(1, world):
-        if any(plan_tiles(layout, world, seq_len, r, (r - s) % world, causal=causal, window=window)
-               for r in range(world)):
+        if any(plan_segments(segments_of(r), segments_of((r - s) % world), causal=causal,
+                             window=window) for r in range(world)):
             steps = s + 1
     return steps

@@ -12,15 +12,18 @@ __all__ = ["attention_reference", "reference_mask"]
 
 
 def reference_mask(seq_len: int, *, causal: bool, window: tuple[int, int] = (-1, -1),
-                   cu_seqlens: torch.Tensor | None = None, device=None) -> torch.Tensor:
-    """Boolean ``[S, S]``: ``mask[i, j]`` is True when query position i may attend key j.
+                   cu_seqlens: torch.Tensor | None = None, device=None,
+                   key_len: int | None = None) -> torch.Tensor:
+    """Boolean ``[S, S_k]``: ``mask[i, j]`` is True when query position i may attend key j
+    (``S_k = key_len``, default S).
 
     causal: j <= i. window (left, right), flash-attn convention: i - left <= j <= i + right,
     -1 meaning unbounded. cu_seqlens: document boundaries ``[0, e1, e2, ..., S]``; i and j
     must lie in the same document."""
     i = torch.arange(seq_len, device=device)[:, None]
-    j = torch.arange(seq_len, device=device)[None, :]
-    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
+    key_len = seq_len if key_len is None else key_len
+    j = torch.arange(key_len, device=device)[None, :]
+    mask = torch.ones(seq_len, key_len, dtype=torch.bool, device=device)
     if causal:
         mask &= j <= i
     left, right = window
@@ -31,7 +34,7 @@ def reference_mask(seq_len: int, *, causal: bool, window: tuple[int, int] = (-1,
     if cu_seqlens is not None:
         doc = torch.bucketize(torch.arange(seq_len, device=device), cu_seqlens[1:].to(device),
                               right=True)
-        mask &= doc[:, None] == doc[None, :]
+        mask &= doc[:, None] == doc[None, :key_len]
     return mask
 
 
@@ -50,7 +53,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     k = k.repeat_interleave(rep, dim=2)
     v = v.repeat_interleave(rep, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    mask = reference_mask(s, causal=causal, window=window, cu_seqlens=cu_seqlens, device=q.device)
+    mask = reference_mask(s, causal=causal, window=window, cu_seqlens=cu_seqlens, device=q.device,
+                          key_len=k.shape[1])
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     has_key = mask.any(-1)

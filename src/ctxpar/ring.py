@@ -1,8 +1,8 @@
 """Ring attention: Q stays put, K/V blocks travel round the CP group.
 
 At ring step s, rank r holds the K/V block of rank ``src = (r - s) mod N``. The tiles it
-computes against that block come from ``ctxpar.masks.plan_tiles``: layout, causality and
-the window are arguments of this one loop, not copies of it.
+computes against that block come from ``ctxpar.masks.plan_segments``: layout, packed
+documents, causality and the window are arguments of this one loop, not copies of it.
 
 Forward: the transfer of the next K/V block (one packed ``[2, B, S, Hkv, D]`` buffer, never
 expanded to Hq heads) is posted *before* the current block's compute and waited on only
@@ -22,7 +22,8 @@ import torch
 from . import comms
 from .comms import CPGroup
 from .kernels import acc_dtype, block_backward, block_forward, merge_into
-from .masks import Tile, plan_tiles, ring_steps
+from .masks import Tile, plan_segments, ring_steps
+from .packing import ShardSpec
 
 __all__ = ["ring_attention"]
 
@@ -34,22 +35,20 @@ def _record_tiles(tiles: list[Tile], kind: str) -> None:
         comms._record_compute(kind, t.score_elements)
 
 
-def _plan(grp: CPGroup, layout: str, seq_len: int, causal: bool, window):
-    steps = ring_steps(layout, grp.size, seq_len, causal=causal, window=window)
-    plans = [
-        plan_tiles(layout, grp.size, seq_len, grp.rank, (grp.rank - s) % grp.size,
-                   causal=causal, window=window)
-        for s in range(steps)
-    ]
+def _plan(grp: CPGroup, spec: ShardSpec, causal: bool, window):
+    steps = ring_steps(spec.segments, grp.size, causal=causal, window=window)
+    r = grp.rank
+    plans = [plan_segments(spec.segments(r), spec.segments((r - s) % grp.size), causal=causal,
+                           window=window, diagonal=s == 0)
+             for s in range(steps)]
     return steps, plans
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, grp: CPGroup, layout: str, causal: bool, window, scale: float,
+    def forward(ctx, q, k, v, grp: CPGroup, spec: ShardSpec, causal: bool, window, scale: float,
                 backend: str):
-        seq_len = q.shape[1] * grp.size
-        steps, plans = _plan(grp, layout, seq_len, causal, window)
+        steps, plans = _plan(grp, spec, causal, window)
         b, sq, hq, d = q.shape
         cdt = acc_dtype(q.dtype)
         out = torch.zeros(b, sq, hq, v.shape[-1], dtype=cdt, device=q.device)
@@ -136,7 +135,9 @@ class _RingAttention(torch.autograd.Function):
 
 
 def ring_attention(q, k, v, *, grp: CPGroup, layout: str, causal: bool, window, scale: float,
-                   backend: str):
+                   backend: str, cu_seqlens=None):
     """Ring attention over a resolved group; see ``ctxpar.attention`` for the contract.
+    ``cu_seqlens``: original global document boundaries (see ``ctxpar.packing``).
     Returns ``(out, lse)``."""
-    return _RingAttention.apply(q, k, v, grp, layout, causal, window, scale, backend)
+    spec = ShardSpec.make(layout, grp.size, q.shape[1], cu_seqlens)
+    return _RingAttention.apply(q, k, v, grp, spec, causal, tuple(window), scale, backend)

@@ -1,0 +1,259 @@
+"""Packed documents and padding: where each rank's tokens sit when a batch packs several
+documents (``cu_seqlens``) or when the length is not a multiple of the layout's granularity.
+
+``cu_seqlens`` is the global int32 tensor of document boundaries ``[0, e1, ..., S]`` as in
+flash-attn varlen, describing the *original* (unpadded) documents. From it, the layout and
+the CP world, every rank derives the same padded token order:
+
+- ``zigzag``: each document is padded at its end to a multiple of 2N and cut into 2N chunks;
+  rank r holds chunks r and 2N-1-r *of every document*, document by document (the
+  load-balanced THD scheme of TransformerEngine). Every rank does the same work per document.
+- ``contiguous`` / ``striped``: documents keep their places in the packed sequence, which is
+  padded at its end to a multiple of N and then split as usual.
+
+A rank's tokens are :class:`DocSegment` runs of global positions (in the padded sequence)
+tagged with their document; padding has ``doc = -1``. Attention never crosses documents
+and never sees padding: pairs of segments from different documents are skipped, pad rows
+get ``out = 0`` and ``lse = -inf`` (and zero gradients), so they are finite, never NaN.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from .comms import resolve_group
+from .layouts import check_divisible, check_layout, granularity, local_segments
+
+__all__ = ["DocSegment", "ShardSpec", "PackedShard", "shard_packed", "unshard_packed", "pad_for_cp"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DocSegment:
+    """Global positions ``start + i*stride``, ``i < length``, all in document ``doc``
+    (``-1`` for padding)."""
+
+    start: int
+    length: int
+    stride: int = 1
+    doc: int = 0
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _cu_tuple(cu_seqlens) -> tuple[int, ...]:
+    cu = tuple(int(x) for x in (cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else cu_seqlens))
+    if len(cu) < 2 or cu[0] != 0 or any(b <= a for a, b in zip(cu, cu[1:])):
+        raise ValueError(
+            f"cu_seqlens must start at 0 and strictly increase (no empty documents); got {list(cu)[:16]}")
+    return cu
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSpec:
+    """The token order of one CP group: layout, world, and optionally packed documents.
+
+    ``docs`` is the original ``cu_seqlens`` as a tuple (None: one unpadded sequence of
+    ``seq_len`` tokens). ``seq_len`` is the padded global length."""
+
+    layout: str
+    world: int
+    seq_len: int
+    docs: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
+        if self.docs is None:
+            check_divisible(self.seq_len, self.layout, self.world)
+        elif self.seq_len != padded_length(self.docs, self.layout, self.world):
+            raise ValueError(
+                f"cu_seqlens ending at {self.docs[-1]} pads to "
+                f"{padded_length(self.docs, self.layout, self.world)} tokens under "
+                f"layout={self.layout!r} on {self.world} ranks, but the shards hold "
+                f"{self.seq_len} tokens in all; shard with ctxpar.shard_packed(...)")
+
+    @classmethod
+    def make(cls, layout: str, world: int, local_len: int, cu_seqlens=None) -> "ShardSpec":
+        docs = None if cu_seqlens is None else _cu_tuple(cu_seqlens)
+        return cls(layout, world, local_len * world, docs)
+
+    @functools.lru_cache(maxsize=64)
+    def segments(self, rank: int) -> tuple:
+        """This rank's tokens as segments in local order."""
+        if self.docs is None:
+            return tuple(local_segments(self.layout, rank, self.world, self.seq_len))
+        return tuple(_packed_segments(self.docs, self.layout, self.world, rank, self.seq_len))
+
+    def positions(self, rank: int, device=None) -> torch.Tensor:
+        """Global positions (in the padded sequence) of the rank's tokens, int64."""
+        parts = [torch.arange(s.start, s.start + s.length * s.stride, s.stride, device=device)
+                 for s in self.segments(rank)]
+        return torch.cat(parts)
+
+    def doc_ids(self, rank: int, device=None) -> torch.Tensor:
+        return torch.cat([torch.full((s.length,), getattr(s, "doc", 0), dtype=torch.int64, device=device)
+                          for s in self.segments(rank)])
+
+
+def padded_length(docs: tuple[int, ...], layout: str, world: int) -> int:
+    if layout == "zigzag":
+        return sum(_round_up(b - a, 2 * world) for a, b in zip(docs, docs[1:]))
+    return _round_up(docs[-1], world)
+
+
+def _doc_starts(docs: tuple[int, ...], layout: str, world: int) -> list[int]:
+    """Start of every document in the padded sequence."""
+    if layout != "zigzag":
+        return list(docs[:-1])
+    starts, pos = [], 0
+    for a, b in zip(docs, docs[1:]):
+        starts.append(pos)
+        pos += _round_up(b - a, 2 * world)
+    return starts
+
+
+def _split(seg_start: int, seg_len: int, stride: int, bounds: list[tuple[int, int, int]]):
+    """Cut a strided run of positions at document bounds ``(start, end, doc)``; positions
+    outside every document are padding."""
+    out, i = [], 0
+    while i < seg_len:
+        pos = seg_start + i * stride
+        doc, end = -1, None
+        for a, b, d in bounds:
+            if a <= pos < b:
+                doc, end = d, b
+                break
+        if doc < 0:
+            nxt = min((a for a, _, _ in bounds if a > pos), default=None)
+            end = nxt
+        n = seg_len - i if end is None else min(seg_len - i, -(-(end - pos) // stride))
+        out.append(DocSegment(pos, n, stride, doc))
+        i += n
+    return out
+
+
+def _packed_segments(docs, layout, world, rank, seq_len):
+    starts = _doc_starts(docs, layout, world)
+    bounds = [(s, s + (b - a), d + 1) for d, (s, a, b) in enumerate(zip(starts, docs, docs[1:]))]
+    # Documents are numbered from 1 so that 0 (plain, unpacked) and -1 (padding) stay distinct.
+    if layout != "zigzag":
+        segs = []
+        for s in local_segments(layout, rank, world, seq_len):
+            segs += _split(s.start, s.length, s.stride, bounds)
+        return segs
+    segs = []
+    for (start, a, b), bound in zip(zip(starts, docs, docs[1:]), bounds):
+        c = _round_up(b - a, 2 * world) // (2 * world)
+        for chunk in (rank, 2 * world - 1 - rank):
+            segs += _split(start + chunk * c, c, 1, [bound])
+    return segs
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedShard:
+    """What :func:`shard_packed` returns for one rank.
+
+    tokens: the local shard of ``x`` (sequence at ``dim``; pad positions hold ``value``).
+    position_ids: int64 ``[S_local]``, positions *within each document* (for RoPE).
+    pad_mask: bool ``[S_local]``, True at padding (ignore in the loss).
+    local_cu_seqlens: int32 boundaries of the local runs of each document, in local order,
+        for a user's own varlen kernel (padding runs included as their own entries).
+    cu_seqlens: the original global boundaries: pass them to ``ctxpar.attention``.
+    """
+
+    tokens: torch.Tensor
+    position_ids: torch.Tensor
+    pad_mask: torch.Tensor
+    local_cu_seqlens: torch.Tensor
+    cu_seqlens: torch.Tensor
+
+
+def shard_packed(x: torch.Tensor, cu_seqlens, *, group=None, layout: str = "zigzag", dim: int = 1,
+                 value=0) -> PackedShard:
+    """Shard a packed batch ``x`` (``[..., S, ...]``, documents given by ``cu_seqlens``,
+    identical on every rank) with per-document load balancing; see the module docstring."""
+    grp = resolve_group(group)
+    check_layout(layout)
+    dim = dim % x.dim()
+    docs = _cu_tuple(cu_seqlens)
+    if docs[-1] != x.shape[dim]:
+        raise ValueError(f"cu_seqlens ends at {docs[-1]} but x has {x.shape[dim]} tokens at dim {dim}")
+    spec = ShardSpec(layout, grp.size, padded_length(docs, layout, grp.size), docs)
+    segs = spec.segments(grp.rank)
+    starts = _doc_starts(docs, layout, grp.size)
+    # Map padded positions back to original token indices (pads -> an extra 'value' row).
+    src = []
+    for s in segs:
+        pos = torch.arange(s.start, s.start + s.length * s.stride, s.stride)
+        if s.doc < 0:
+            src.append(torch.full_like(pos, -1))
+        else:
+            src.append(pos - starts[s.doc - 1] + docs[s.doc - 1])
+    src = torch.cat(src).to(x.device)
+    pad = src < 0
+    fill = torch.full_like(x.narrow(dim, 0, 1), value)
+    tokens = torch.cat([x, fill], dim).index_select(dim, torch.where(pad, x.shape[dim], src))
+    within = torch.cat([torch.arange(s.start, s.start + s.length * s.stride, s.stride)
+                        - (starts[s.doc - 1] if s.doc > 0 else 0) for s in segs])
+    lengths = torch.tensor([s.length for s in segs])
+    local_cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(torch.int32)
+    return PackedShard(tokens, within.to(x.device), pad.to(x.device), local_cu.to(x.device),
+                       torch.tensor(docs, dtype=torch.int32, device=x.device))
+
+
+def unshard_packed(x_local: torch.Tensor, cu_seqlens, *, group=None, layout: str = "zigzag",
+                   dim: int = 1) -> torch.Tensor:
+    """Invert :func:`shard_packed`: gather every rank's shard and return the original packed
+    order with padding dropped, ``[..., cu_seqlens[-1], ...]`` on every rank."""
+    from .layouts import unshard  # the differentiable gather
+
+    grp = resolve_group(group)
+    dim = dim % x_local.dim()
+    docs = _cu_tuple(cu_seqlens)
+    spec = ShardSpec.make(layout, grp.size, x_local.shape[dim], docs)
+    # Gather in rank order; the plain-layout unshard of a contiguous layout is rank order.
+    gathered = unshard(x_local, group=grp, layout="contiguous", dim=dim) if grp.size > 1 else x_local
+    pos = torch.cat([spec.positions(r) for r in range(grp.size)])
+    doc = torch.cat([spec.doc_ids(r) for r in range(grp.size)])
+    starts = _doc_starts(docs, layout, grp.size)
+    keep = doc >= 0
+    orig = pos[keep] - torch.tensor(starts)[doc[keep] - 1] + torch.tensor(docs[:-1])[doc[keep] - 1]
+    order = torch.argsort(orig)
+    idx = torch.nonzero(keep).squeeze(1)[order]
+    return gathered.index_select(dim, idx.to(x_local.device))
+
+
+@dataclasses.dataclass(frozen=True)
+class PadInfo:
+    """What :func:`pad_for_cp` returns besides the padded tensor.
+
+    cu_seqlens: ``[0, S]``: pass to ``ctxpar.attention(..., cu_seqlens=)`` so no query ever
+        sees a pad key (needed without causal masking; harmless with it).
+    pad_mask: bool ``[S_padded]``, True at padding: drop these from the loss.
+    length: the original length S."""
+
+    cu_seqlens: torch.Tensor
+    pad_mask: torch.Tensor
+    length: int
+
+
+def pad_for_cp(x: torch.Tensor, *, group=None, layout: str = "zigzag", dim: int = 1,
+               value=0) -> tuple[torch.Tensor, PadInfo]:
+    """Pad the full tensor ``x`` at the end of ``dim`` to the layout's multiple (2N for
+    zigzag, N otherwise); shard the result with ``ctxpar.shard`` as usual."""
+    grp = resolve_group(group)
+    dim = dim % x.dim()
+    n = x.shape[dim]
+    total = _round_up(n, granularity(layout, grp.size))
+    if total > n:
+        shape = list(x.shape)
+        shape[dim] = total - n
+        x = torch.cat([x, torch.full(shape, value, dtype=x.dtype, device=x.device)], dim)
+    mask = torch.arange(total, device=x.device) >= n
+    return x, PadInfo(torch.tensor([0, n], dtype=torch.int32, device=x.device), mask, n)

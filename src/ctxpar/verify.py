@@ -1,0 +1,133 @@
+"""``ctxpar verify``: every method x layout x masking case against the float64 reference.
+
+Runs on the current world under torchrun, or on ``--nproc`` local gloo processes it spawns.
+Prints a table of the worst relative error over out, lse, dq, dk and dv per case (maximum
+over ranks) and exits non-zero if any case is out of tolerance. It is the command to run
+on a new cluster.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+
+import torch
+
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    method: str
+    layout: str
+    causal: bool
+    dtype: str
+    window: tuple[int, int] = (-1, -1)
+
+    @property
+    def name(self) -> str:
+        mask = "causal" if self.causal else "full"
+        if self.window != (-1, -1):
+            mask += f" window={self.window}"
+        return f"{self.method:10s} {self.layout:10s} {mask:22s} {self.dtype}"
+
+
+def build_cases(methods, layouts, dtypes) -> list[Case]:
+    cases = [Case(m, lay, c, dt) for m, lay, c, dt in itertools.product(methods, layouts, (False, True), dtypes)]
+    cases += [Case(m, lay, True, "float64", (5, 0)) for m, lay in itertools.product(methods, layouts)]
+    return cases
+
+
+def _rel(x, ref) -> float:
+    x, ref = x.double(), ref.double()
+    finite = torch.isfinite(ref)
+    if not torch.equal(torch.isfinite(x), finite):
+        return float("inf")
+    return ((x[finite] - ref[finite]).abs().max() / ref[finite].abs().max().clamp(min=1.0)).item()
+
+
+def _check_case(case: Case, device: str, seq_len: int, group) -> float:
+    import ctxpar
+    from ctxpar.references import attention_reference
+
+    dtype = getattr(torch, case.dtype)
+    gen = torch.Generator().manual_seed(1234)
+    b, hq, hkv, d = 2, 8, 2, 40
+    full = [torch.randn(b, seq_len, h, d, generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv, hq)]
+    ref_in = [t.clone().requires_grad_() for t in full[:3]]
+    ro, rl = attention_reference(*ref_in, causal=case.causal, window=case.window)
+    (ro * full[3]).sum().backward()
+
+    def shard(t, dim=1):
+        return ctxpar.shard(t, group=group, layout=case.layout, dim=dim)
+
+    local = [shard(t).to(device=device, dtype=dtype).requires_grad_() for t in full[:3]]
+    out, lse = ctxpar.attention(*local, group=group, method=case.method, layout=case.layout,
+                                causal=case.causal, window=case.window, return_lse=True)
+    out.backward(shard(full[3]).to(device=device, dtype=dtype))
+    pairs = [(out, ro), (lse, rl)] + [(t.grad, r.grad) for t, r in zip(local, ref_in)]
+    return max(_rel(x.cpu(), shard(r.detach(), 2 if x is lse else 1)) for x, r in pairs)
+
+
+def verify_rank(cases: list[Case], device: str, seq_len: int) -> list[float | str]:
+    """Run every case on this rank; return its worst error per case (or the error text)."""
+    import ctxpar
+
+    results: list[float | str] = []
+    for case in cases:
+        group = None
+        if case.method == "hybrid" and hasattr(ctxpar, "cp_mesh"):
+            import torch.distributed as dist
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            group = ctxpar.cp_mesh(hierarchical_context_parallel_sizes=[2, world // 2],
+                                   device_type=device)
+        try:
+            results.append(_check_case(case, device, seq_len, group))
+        except Exception as e:  # noqa: BLE001 - reported in the table as a failure
+            results.append(f"{type(e).__name__}: {e}")
+    return results
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=2, help="local processes to spawn (ignored under torchrun)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--seq-len", type=int, default=0, help="global length (default: 8 chunks per rank)")
+    p.add_argument("--methods", default="all", help="comma-separated methods, or 'all'")
+    p.add_argument("--dtypes", default="float64,float32,bfloat16")
+
+
+def run(args) -> int:
+    import ctxpar
+    from ctxpar.launch import RankError, run_job, under_torchrun
+
+    methods = [m for m in ctxpar.METHODS if m != "auto"] if args.methods == "all" else args.methods.split(",")
+    world = int(__import__("os").environ.get("WORLD_SIZE", args.nproc)) if under_torchrun() else args.nproc
+    if world < 4 or world % 2:
+        methods = [m for m in methods if m != "hybrid"] if args.methods == "all" else methods
+    seq_len = args.seq_len or 8 * 2 * world
+    cases = build_cases(methods, ctxpar.LAYOUTS, args.dtypes.split(","))
+    try:
+        per_rank = run_job(verify_rank, cases, args.device, seq_len, nproc=args.nproc, device=args.device)
+    except RankError as e:
+        print(e)
+        return 1
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0
+    failed = 0
+    print(f"ctxpar verify: world={world} seq_len={seq_len} (B=2, Hq=8, Hkv=2, D=40); "
+          f"worst relative error over out, lse, dq, dk, dv vs float64; rank shown is this process's view")
+    print(f"{'case':68s} {'error':>10s}  result")
+    for i, case in enumerate(cases):
+        errs = [r[i] for r in per_rank]
+        text = next((e for e in errs if isinstance(e, str)), None)
+        if text is not None:
+            failed += 1
+            print(f"{case.name:68s} {'-':>10s}  FAIL {text[:80]}")
+            continue
+        worst = max(errs)
+        ok = worst <= TOLERANCE[case.dtype]
+        failed += not ok
+        print(f"{case.name:68s} {worst:10.2e}  {'pass' if ok else 'FAIL'}")
+    print(f"{len(cases) - failed}/{len(cases)} cases passed")
+    return 1 if failed else 0
