@@ -9,6 +9,8 @@ import torch
 from .comms import CPGroup, resolve_group
 from .kernels import BACKENDS
 from .layouts import check_divisible, check_layout
+from .checks import check_consistent_args
+from .packing import ShardSpec
 from .ring import ring_attention
 
 __all__ = ["attention", "AttentionConfig", "METHODS"]
@@ -63,7 +65,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
               method: str = "ring", layout: str = "zigzag", causal: bool = False,
               scale: float | None = None, window: tuple[int, int] = (-1, -1),
-              return_lse: bool = False, backend: str = "auto"):
+              return_lse: bool = False, backend: str = "auto", cu_seqlens=None,
+              check_args: bool = True):
     """Exact softmax attention over a sequence sharded across the CP group.
 
     Args:
@@ -80,6 +83,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
             convention; ``(-1, -1)`` is none.
         return_lse: also return the log-sum-exp.
         backend: local kernel backend, see ``ctxpar.kernels``.
+        cu_seqlens: packed documents: the *original* global int32 boundaries
+            ``[0, e1, ..., S]``; the shards must come from ``ctxpar.shard_packed`` (or
+            ``ctxpar.pad_for_cp``). Attention never crosses a document, never sees padding.
+        check_args: compare the arguments that must agree across ranks (one small
+            all-gather, see ``ctxpar.checks``); pass False to skip it for speed.
 
     Returns:
         ``out`` ``[B, S_local, Hq, D]`` in q's dtype, or ``(out, lse)`` with ``lse``
@@ -89,11 +97,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
                           backend=backend)
     check_qkv(q, k, v)
     grp: CPGroup = resolve_group(group)
-    check_divisible(q.shape[1] * grp.size, cfg.layout, grp.size,
-                    what=f"global sequence length (local {q.shape[1]} x {grp.size} ranks)")
+    if check_args:
+        check_consistent_args(grp, q, k, causal=cfg.causal, window=cfg.window, layout=cfg.layout,
+                              method=cfg.method, cu_seqlens=cu_seqlens)
+    if cu_seqlens is None:
+        check_divisible(q.shape[1] * grp.size, cfg.layout, grp.size,
+                        what=f"global sequence length (local {q.shape[1]} x {grp.size} ranks)")
+    else:
+        ShardSpec.make(cfg.layout, grp.size, q.shape[1], cu_seqlens)  # validates the lengths
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite; got {scale}")
     out, lse = ring_attention(q, k, v, grp=grp, layout=cfg.layout, causal=cfg.causal,
-                              window=cfg.window, scale=scale, backend=cfg.backend)
+                              window=cfg.window, scale=scale, backend=cfg.backend,
+                              cu_seqlens=cu_seqlens)
     return (out, lse) if return_lse else out
