@@ -6,6 +6,7 @@ Tensor layout: ``[batch, seq, heads, head_dim]``; LSE ``[batch, heads, seq]``.
 from .attention import METHODS, AttentionConfig, attention
 from .comms import CommCounters, comm_counters
 from .layouts import LAYOUTS, position_ids, shard, unshard
+from .packing import PackedShard, PadInfo, pad_for_cp, shard_packed, unshard_packed
 
 __version__ = "0.1.0"
 
@@ -16,7 +17,12 @@ __all__ = [
     "LAYOUTS",
     "CommCounters",
     "comm_counters",
+    "PackedShard",
+    "PadInfo",
+    "pad_for_cp",
     "position_ids",
     "shard",
+    "shard_packed",
     "unshard",
+    "unshard_packed",
 ]
