@@ -109,17 +109,21 @@ def block_forward(q, k, v, *, band: Band, scale: float, backend: str = "auto",
         return _masked_forward(q, k, v, band, mask, scale, backend)
     shift = _causal_shift(band)
     if shift is not None and shift > 0:
-        # Rows i < shift see nothing; the rest is causal on q[shift:] vs k[:lk - shift].
+        # Rows i < shift see nothing; row i >= shift sees keys j <= i - shift, i.e. plain
+        # causal on q[shift:] vs k[:lq - shift]. Keeping that block square matters: fused
+        # kernels disagree on how a causal mask aligns when Sq != Sk.
         out = q.new_zeros(b, lq, hq, v.shape[-1])
         lse = torch.full((b, hq, lq), _NEG_INF, dtype=acc_dtype(q.dtype), device=q.device)
-        if shift < lq and lk - shift > 0:
-            o, l = block_forward(q[:, shift:], k[:, : lk], v[:, : lk], band=Band(0, None),
+        nk = min(lk, lq - shift)
+        if shift < lq:
+            o, l = block_forward(q[:, shift:], k[:, :nk], v[:, :nk], band=Band(0, None),
                                  scale=scale, backend=backend)
             out[:, shift:] = o
             lse[:, :, shift:] = l
         return out, lse
-    is_causal = band.lo == 0 and band.hi is None
-    # The fused kernels take causality as a flag; every other band becomes a dense mask.
+    # The fused kernels take causality as a flag (top-left aligned, so only for square
+    # blocks); every other band becomes a dense mask.
+    is_causal = band.lo == 0 and band.hi is None and lq == lk
     vis = None if is_causal and backend != "math" else _visibility(band, None, lq, lk, q.device)
     return _fused_or_math_forward(q, k, v, vis, is_causal and vis is None, scale, backend)
 
@@ -203,17 +207,18 @@ def block_backward(dout, q, k, v, out, lse, *, band: Band, scale: float, backend
         dq = torch.zeros(b, lq, hq, d, dtype=cdt, device=q.device)
         dk = torch.zeros(b, lk, hkv, d, dtype=cdt, device=q.device)
         dv = torch.zeros(b, lk, hkv, v.shape[-1], dtype=cdt, device=q.device)
+        nk = min(lk, lq - shift)
         if shift < lq:
-            g = block_backward(dout[:, shift:], q[:, shift:], k, v, out[:, shift:],
+            g = block_backward(dout[:, shift:], q[:, shift:], k[:, :nk], v[:, :nk], out[:, shift:],
                                lse[:, :, shift:], band=Band(0, None), scale=scale, backend=backend)
             dq[:, shift:] = g[0]
-            dk += g[1]
-            dv += g[2]
+            dk[:, :nk] = g[1]
+            dv[:, :nk] = g[2]
         return dq, dk, dv
     # A row with no key anywhere has lse = -inf; +inf makes every P = exp(S - lse) exactly
     # 0 instead of exp(-inf + inf) = NaN.
     lse = lse.masked_fill(lse == _NEG_INF, float("inf"))
-    is_causal = mask is None and band.lo == 0 and band.hi is None
+    is_causal = mask is None and band.lo == 0 and band.hi is None and lq == lk
     if backend == "math":
         return _math_backward(dout, q, k, v, out, lse, _visibility(band, mask, lq, lk, q.device), scale)
     vis = None if is_causal else _visibility(band, mask, lq, lk, q.device)
