@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from . import kernels_cuda
 from .masks import Band
 
 __all__ = ["block_forward", "block_backward", "merge_into", "BACKENDS", "pick_backend"]
@@ -137,6 +138,8 @@ def _fused_or_math_forward(q, k, v, vis, is_causal, scale, backend):
     hq = q.shape[2]
     if backend == "math":
         return _math_forward(q, k, v, vis, scale)
+    if backend == "cuda_flash" and vis is None:
+        return kernels_cuda.flash_forward(q, k, v, is_causal, scale)
     qt, kt, vt = _bhsd(q), _expand_heads(_bhsd(k), hq), _expand_heads(_bhsd(v), hq)
     mask = None if vis is None else _additive(vis, q.dtype)
     has_key = None if vis is None else vis.any(1)
@@ -144,7 +147,7 @@ def _fused_or_math_forward(q, k, v, vis, is_causal, scale, backend):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qt, kt, vt, 0.0, is_causal, attn_mask=mask, scale=scale)
     elif backend in ("cuda_flash", "cuda_efficient"):
-        out, lse = _cuda_forward(backend, qt, kt, vt, is_causal, mask, scale)
+        out, lse = kernels_cuda.efficient_forward(qt, kt, vt, is_causal, mask, scale)
     else:
         raise ValueError(f"backend {backend!r} cannot run on {q.device}")
     lse = lse.to(acc_dtype(q.dtype))
@@ -154,17 +157,6 @@ def _fused_or_math_forward(q, k, v, vis, is_causal, scale, backend):
         lse = lse.masked_fill(~has_key, _NEG_INF)
         out = out.masked_fill(~has_key[:, None], 0.0)
     return out.transpose(1, 2), lse
-
-
-def _cuda_forward(backend, qt, kt, vt, is_causal, mask, scale):
-    if backend == "cuda_flash" and mask is None:
-        res = torch.ops.aten._scaled_dot_product_flash_attention(
-            qt, kt, vt, 0.0, is_causal, False, scale=scale)
-        return res[0], res[1]
-    bias = None if mask is None else mask.expand(qt.shape[0], qt.shape[1], -1, -1)
-    res = torch.ops.aten._scaled_dot_product_efficient_attention(
-        qt, kt, vt, bias, True, 0.0, is_causal, scale=scale)
-    return res[0], res[1][..., : qt.shape[2]]
 
 
 def _scores(q, k, scale, cdt):
@@ -191,13 +183,15 @@ def _math_forward(q, k, v, vis, scale):
 
 
 def block_backward(dout, q, k, v, out, lse, *, band: Band, scale: float, backend: str = "auto",
-                   mask: torch.Tensor | None = None):
+                   mask: torch.Tensor | None = None, upcast: bool = True):
     """Gradients of one block given the *global* ``out`` and ``lse`` of these query rows.
 
     With the global normaliser, ``P = exp(S - lse)`` is this block's slice of the full
     softmax and ``D = rowsum(dout * out)`` is the full-row term, so block gradients add up
     to the exact full gradient with no recomputation of the forward. Returns
-    ``(dq, dk, dv)`` in fp32 (fp64 for fp64 inputs), ``dk``/``dv`` with Hkv heads."""
+    ``(dq, dk, dv)`` in fp32 (fp64 for fp64 inputs), ``dk``/``dv`` with Hkv heads. With
+    ``upcast=False`` a fused kernel's gradients may come back in the input dtype, for a
+    caller that adds them straight into fp32 accumulators (saves a copy per block)."""
     backend = pick_backend(q, backend)
     cdt = acc_dtype(q.dtype)
     b, lq, hq, d = q.shape
@@ -222,30 +216,19 @@ def block_backward(dout, q, k, v, out, lse, *, band: Band, scale: float, backend
     if backend == "math":
         return _math_backward(dout, q, k, v, out, lse, _visibility(band, mask, lq, lk, q.device), scale)
     vis = None if is_causal else _visibility(band, mask, lq, lk, q.device)
+    if backend == "cuda_flash" and vis is None:
+        dq, dk, dv = kernels_cuda.flash_backward(dout, q, k, v, out, lse, is_causal, scale)
+        return (dq.to(cdt), dk.to(cdt), dv.to(cdt)) if upcast else (dq, dk, dv)
     mask = None if vis is None else _additive(vis, q.dtype)
     qt, kt, vt = _bhsd(q), _expand_heads(_bhsd(k), hq), _expand_heads(_bhsd(v), hq)
     if backend == "cpu_flash":
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             _bhsd(dout), qt, kt, vt, _bhsd(out), lse, 0.0, is_causal, attn_mask=mask, scale=scale)
     else:
-        dq, dk, dv = _cuda_backward(backend, _bhsd(dout), qt, kt, vt, _bhsd(out), lse, is_causal, mask, scale)
+        dq, dk, dv = kernels_cuda.efficient_backward(_bhsd(dout), qt, kt, vt, _bhsd(out), lse, is_causal,
+                                                     mask, scale)
     return (dq.transpose(1, 2).to(cdt), _fold_heads(dk.to(cdt), hkv).transpose(1, 2),
             _fold_heads(dv.to(cdt), hkv).transpose(1, 2))
-
-
-def _cuda_backward(backend, dot, qt, kt, vt, ot, lse, is_causal, mask, scale):
-    lq, lk = qt.shape[2], kt.shape[2]
-    empty = torch.empty(0, device=qt.device)
-    if backend == "cuda_flash" and mask is None:
-        cum_q = torch.empty(0, dtype=torch.int32, device=qt.device)
-        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dot, qt, kt, vt, ot, lse.float().contiguous(), cum_q, cum_q, lq, lk, 0.0, is_causal,
-            empty, empty, scale=scale)
-    bias = None if mask is None else mask.expand(qt.shape[0], qt.shape[1], -1, -1)
-    g = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-        dot, qt, kt, vt, bias, ot, lse.float().contiguous(), empty, empty, 0.0,
-        [True, True, True, False], is_causal, scale=scale)
-    return g[0], g[1], g[2]
 
 
 def _math_backward(dout, q, k, v, out, lse, vis, scale):

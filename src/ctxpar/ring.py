@@ -107,7 +107,7 @@ class _RingAttention(torch.autograd.Function):
                 gq, gk, gv = block_backward(
                     dout[:, t.q0:t.q1], q[:, t.q0:t.q1], kv_cur[0, :, t.k0:t.k1],
                     kv_cur[1, :, t.k0:t.k1], out[:, t.q0:t.q1], lse[:, :, t.q0:t.q1],
-                    band=t.band, scale=ctx.scale, backend=ctx.backend)
+                    band=t.band, scale=ctx.scale, backend=ctx.backend, upcast=False)
                 dq[:, t.q0:t.q1] += gq
                 acc[0, :, t.k0:t.k1] += gk
                 acc[1, :, t.k0:t.k1] += gv
