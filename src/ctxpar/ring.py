@@ -24,6 +24,7 @@ from .comms import CPGroup
 from .kernels import acc_dtype, block_backward, block_forward, merge_into
 from .masks import Tile, plan_segments, ring_steps
 from .packing import ShardSpec
+from .trace import StepTimer
 
 __all__ = ["ring_attention"]
 
@@ -59,6 +60,7 @@ class _RingAttention(torch.autograd.Function):
             raise ValueError(f"k and v must have one shape; got {tuple(k.shape)} and {tuple(v.shape)}")
         nxt = torch.empty_like(cur) if steps > 1 else None
         nxt_rank, prev_rank = grp.rank + 1, grp.rank - 1
+        timer = StepTimer("fwd", q.device)
         for s in range(steps):
             pending = None
             if s + 1 < steps:
@@ -69,9 +71,11 @@ class _RingAttention(torch.autograd.Function):
                 o_b, l_b = block_forward(q[:, t.q0:t.q1], cur[0, :, t.k0:t.k1], cur[1, :, t.k0:t.k1],
                                          band=t.band, scale=scale, backend=backend)
                 merge_into(out[:, t.q0:t.q1], lse[:, :, t.q0:t.q1], o_b, l_b)
+            timer.mark(s, "compute")
             if pending is not None:
                 pending.wait()
                 cur, nxt = nxt, cur
+            timer.mark(s, "wait")
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.grp, ctx.plans, ctx.steps = grp, plans, steps
@@ -95,6 +99,7 @@ class _RingAttention(torch.autograd.Function):
         incoming = torch.empty_like(acc) if steps > 1 else None
         r = grp.rank
         dkv_pending = None
+        timer = StepTimer("bwd", q.device)
         for s in range(steps):
             kv_pending = None
             if s + 1 < steps:
@@ -111,6 +116,7 @@ class _RingAttention(torch.autograd.Function):
                 dq[:, t.q0:t.q1] += gq
                 acc[0, :, t.k0:t.k1] += gk
                 acc[1, :, t.k0:t.k1] += gv
+            timer.mark(s, "compute")
             if dkv_pending is not None:
                 dkv_pending.wait()
                 acc += incoming
@@ -125,8 +131,10 @@ class _RingAttention(torch.autograd.Function):
             if kv_pending is not None:
                 kv_pending.wait()
                 kv_cur, kv_nxt = kv_nxt, kv_cur
+            timer.mark(s, "wait")
         if dkv_pending is not None:
             dkv_pending.wait()
+            timer.mark(steps - 1, "wait")
             dkv = incoming
         else:
             dkv = acc
