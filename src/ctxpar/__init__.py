@@ -6,11 +6,16 @@ Tensor layout: ``[batch, seq, heads, head_dim]``; LSE ``[batch, heads, seq]``.
 from .attention import METHODS, AttentionConfig, attention
 from .comms import CommCounters, comm_counters
 from .layouts import LAYOUTS, position_ids, shard, unshard
+from . import scan, ttt
+from .ttt import InPlaceTTTMLP
 from .packing import PackedShard, PadInfo, pad_for_cp, shard_packed, unshard_packed
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "InPlaceTTTMLP",
+    "scan",
+    "ttt",
     "METHODS",
     "AttentionConfig",
     "attention",

@@ -1,0 +1,351 @@
+"""Differentiable exclusive scans across the ranks of a CP group.
+
+Elements and the operator
+-------------------------
+Every rank holds ``m`` elements of a global sequence of ``M = m*N`` elements (N ranks):
+
+- ``layout="contiguous"``: ``m = 1``; rank r holds element r.
+- ``layout="zigzag"``: ``m = 2``; rank r holds elements r and 2N-1-r (the block order of
+  the zigzag sequence layout, see :mod:`ctxpar.layouts`). ``values`` then carries a
+  leading dim of 2 in local order.
+
+Element q is a pair ``(a_q, D_q)`` acting on a state as ``S -> a_q * S + D_q``:
+
+- sum: ``a_q = 1``;
+- affine / decayed: ``a_q = decay_q`` (any shape that broadcasts against ``D_q``);
+- segmented: ``a_q = 0`` where ``reset_q`` is set (the state restarts at element q),
+  else 1 (times the decay when both are given).
+
+Applying element 1 then element 2 composes as ``(a1, D1) then (a2, D2) = (a2*a1, a2*D1 + D2)``
+(for segments: ``(f1 or f2, f2 ? D2 : D1 + D2)``). The *exclusive* scan returns, for each
+element q, ``S_q = sum_{p<q} (prod_{p<k<q} a_k) D_p``: element q's own D never enters its
+own prefix. Nothing is ever computed as an inclusive scan minus the element itself, so a
+prefix is exact up to the rounding of the sums it contains. ``reverse=True`` scans from the
+last element to the first: ``T_q = sum_{p>q} (prod_{q<k<p} a_k) D_p``.
+
+Autograd: the backward of an exclusive scan is the reverse exclusive scan of the output
+gradients with the same ``a`` (``dD_q = T_q``), and ``d a_q = T_q * S_q``.
+
+Algorithms (all give the same result up to the order of the additions)
+------------------------------------------------------------------------
+================  =========================  ===========================================
+``allgather``     1 round                    every rank receives the (N-1) other summaries
+``hillis_steele`` ceil(log2 M) rounds        one summary per round (log-step windows)
+``ring``          M-1 serial hops            the carry walks the element order once
+================  =========================  ===========================================
+
+For zigzag, M = 2N, so Hillis-Steele takes ceil(log2 2N) rounds and the ring's carry goes
+up ranks 0..N-1 and back down N-1..0 (2(N-1) messages): the element order is a path
+through the ranks, and both algorithms are written once for an arbitrary owner map.
+``allgather`` is the one that can be started asynchronously (:func:`start_scan`), so that
+its communication overlaps local work; the other two run to completion in ``start_scan``.
+
+Carries are accumulated and communicated in float32 (float64 for float64 input); results
+come back in the input dtype.
+"""
+from __future__ import annotations
+
+import math
+import torch
+
+from .comms import CPGroup, all_gather, exchange, resolve_group
+
+__all__ = ["ALGORITHMS", "PendingScan", "acc_dtype", "element_indices", "exclusive_scan",
+           "exclusive_sum", "start_scan"]
+
+ALGORITHMS = ("allgather", "hillis_steele", "ring")
+SCAN_LAYOUTS = ("contiguous", "zigzag")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Carry dtype: float64 for float64 input, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check(layout: str, algorithm: str) -> None:
+    if layout not in SCAN_LAYOUTS:
+        raise ValueError(
+            f"scan layout {layout!r} is not supported; expected one of {SCAN_LAYOUTS} "
+            f"(a striped rank holds no contiguous run of the sequence to summarise)")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown scan algorithm {algorithm!r}; expected one of {ALGORITHMS}")
+
+
+def element_indices(layout: str, rank: int, world: int) -> list[int]:
+    """Global element indices held by ``rank``, in local order."""
+    _check(layout, "allgather")
+    return [rank] if layout == "contiguous" else [rank, 2 * world - 1 - rank]
+
+
+def _owner(layout: str, e: int, world: int) -> tuple[int, int]:
+    """(rank, local slot) holding global element ``e``."""
+    if layout == "contiguous":
+        return e, 0
+    return (e, 0) if e < world else (2 * world - 1 - e, 1)
+
+
+# ------------------------------------------------------------------------ element algebra
+# An element is (a, D) with a None meaning "a = 1" (a plain sum); None as a whole element
+# is the identity. ``first`` precedes ``second`` in scan order.
+
+
+def _combine(first, second):
+    if first is None:
+        return second
+    a1, d1 = first
+    a2, d2 = second
+    if a2 is None:
+        return a1, d1 + d2
+    a = a2 if a1 is None else a2 * a1
+    return a, torch.addcmul(d2, a2, d1)
+
+
+class _Packer:
+    """Flattens elements into rows of one buffer so one message carries several."""
+
+    def __init__(self, d_shape, a_shape, dtype, device):
+        self.d_shape, self.a_shape = tuple(d_shape), a_shape
+        self.nd = math.prod(self.d_shape)
+        self.na = 0 if a_shape is None else math.prod(a_shape)
+        self.width = self.na + self.nd
+        self.dtype, self.device = dtype, device
+
+    def pack(self, elems) -> torch.Tensor:
+        rows = []
+        for a, d in elems:
+            parts = [] if self.a_shape is None else [a.reshape(-1)]
+            rows.append(torch.cat(parts + [d.reshape(-1)]))
+        return torch.stack(rows)
+
+    def unpack(self, buf: torch.Tensor):
+        out = []
+        for row in buf.reshape(-1, self.width):
+            a = None if self.a_shape is None else row[: self.na].view(self.a_shape)
+            out.append((a, row[self.na:].view(self.d_shape)))
+        return out
+
+    def empty(self, n: int) -> torch.Tensor:
+        return torch.empty(n, self.width, dtype=self.dtype, device=self.device)
+
+
+class PendingScan:
+    """Result of :func:`start_scan`; ``wait()`` returns the exclusive prefixes ``[m, ...]``."""
+
+    def __init__(self, result=None, finish=None):
+        self._result, self._finish = result, finish
+
+    def wait(self) -> torch.Tensor:
+        if self._result is None:
+            self._result = self._finish()
+            self._finish = None
+        return self._result
+
+
+def start_scan(d: torch.Tensor, a: torch.Tensor | None, *, grp: CPGroup, layout: str,
+               algorithm: str = "allgather", reverse: bool = False) -> PendingScan:
+    """Non-differentiable exclusive scan of this rank's ``m`` elements.
+
+    ``d``: ``[m, *shape]`` (carry dtype); ``a``: ``None`` (sum) or ``[m, *a_shape]`` with
+    ``a_shape`` broadcastable to ``shape``. Every rank must pass the same shapes and the
+    same ``a is None``. ``allgather`` returns at once with the gather in flight; the
+    other algorithms finish before returning."""
+    _check(layout, algorithm)
+    world, me = grp.size, grp.rank
+    mine = element_indices(layout, me, world)
+    m, big_m = len(mine), len(mine) * world
+    if d.shape[0] != m:
+        raise ValueError(f"layout={layout!r} holds {m} element(s) per rank; got a leading dim of {d.shape[0]}")
+    elems = [(None if a is None else a[j], d[j]) for j in range(m)]
+    # Work in virtual indices u: u = e going forward, u = M-1-e in reverse; the scan is then
+    # always a forward exclusive scan over u.
+    virt = [(big_m - 1 - e) if reverse else e for e in mine]
+
+    def owner_of(u: int) -> tuple[int, int]:
+        return _owner(layout, (big_m - 1 - u) if reverse else u, world)
+
+    packer = _Packer(d.shape[1:], None if a is None else a.shape[1:], d.dtype, d.device)
+    zero = torch.zeros_like(d[0])
+
+    def finish(states) -> torch.Tensor:
+        return torch.stack([zero if s is None else s[1] for s in states])
+
+    if world == 1 or algorithm == "allgather":
+        local = packer.pack(elems)
+        gathered, work = all_gather(grp, local, async_op=True)
+
+        def done():
+            work.wait()
+            by_u = {}
+            for q in range(world):
+                rows = packer.unpack(gathered[q])
+                for j, e in enumerate(element_indices(layout, q, world)):
+                    by_u[(big_m - 1 - e) if reverse else e] = rows[j]
+            want = {u: j for j, u in enumerate(virt)}
+            states, state = [None] * m, None
+            for u in range(max(virt) + 1):
+                if u in want:
+                    states[want[u]] = state
+                state = _combine(state, by_u[u])
+            return finish(states)
+
+        return PendingScan(finish=done)
+    if algorithm == "ring":
+        return PendingScan(_ring(elems, virt, owner_of, big_m, grp, packer, finish))
+    return PendingScan(_hillis_steele(elems, virt, owner_of, big_m, grp, packer, finish))
+
+
+def _ring(elems, virt, owner_of, big_m, grp, packer, finish):
+    """The carry walks u = 0, 1, ..., M-1; a rank waits for its predecessor's inclusive
+    prefix, folds in its element and passes it on (local hand-offs need no message)."""
+    me = grp.rank
+    states, incl, sends = [None] * len(elems), {}, []
+    for j in sorted(range(len(elems)), key=lambda j: virt[j]):
+        u = virt[j]
+        if u == 0:
+            excl = None
+        elif owner_of(u - 1)[0] == me:
+            excl = incl[u - 1]
+        else:
+            buf = packer.empty(1)
+            exchange(grp, [], [(buf, owner_of(u - 1)[0])]).wait()
+            excl = packer.unpack(buf)[0]
+        states[j] = excl
+        incl[u] = _combine(excl, elems[j])
+        if u + 1 < big_m and owner_of(u + 1)[0] != me:
+            a, dd = incl[u]
+            if packer.a_shape is not None and a is None:
+                a = torch.ones(packer.a_shape, dtype=dd.dtype, device=dd.device)
+            sends.append(exchange(grp, [(packer.pack([(a, dd)]), owner_of(u + 1)[0])], []))
+    for s in sends:
+        s.wait()
+    return finish(states)
+
+
+def _hillis_steele(elems, virt, owner_of, big_m, grp, packer, finish):
+    """Log-step scan. After the round with distance d, ``x_u`` covers elements
+    (u-2d, u] and ``y_u`` covers (u-2d, u-1]; both absorb the x that arrives from u-d.
+    ``y`` starts empty, so it ends as the exclusive prefix without any subtraction."""
+    me = grp.rank
+    x = {virt[j]: elems[j] for j in range(len(elems))}
+    y = {u: None for u in x}
+    order = sorted(x)
+    d = 1
+    while d < big_m:
+        out_by_dst: dict[int, list] = {}
+        local_in = {}
+        for u in order:
+            if u + d < big_m:
+                dst = owner_of(u + d)[0]
+                if dst == me:
+                    local_in[u + d] = x[u]
+                else:
+                    out_by_dst.setdefault(dst, []).append(x[u])
+        in_by_src: dict[int, list[int]] = {}
+        for u in order:
+            if u - d >= 0 and owner_of(u - d)[0] != me:
+                in_by_src.setdefault(owner_of(u - d)[0], []).append(u)
+        # One message per peer and round, rows in ascending u on both sides.
+        sends = [(packer.pack(v), dst) for dst, v in sorted(out_by_dst.items())]
+        recvs = [(packer.empty(len(us)), src) for src, us in sorted(in_by_src.items())]
+        exchange(grp, sends, recvs).wait()
+        for (buf, src) in recvs:
+            for u, elem in zip(in_by_src[src], packer.unpack(buf)):
+                local_in[u] = elem
+        for u in order:
+            if u - d >= 0:
+                prev = local_in[u]
+                y[u] = _combine(prev, y[u]) if y[u] is not None else prev
+                x[u] = _combine(prev, x[u])
+        d *= 2
+    return finish([y[u] for u in virt])
+
+
+# ---------------------------------------------------------------------- public, autograd
+
+
+def _normalise(values, decay, reset, layout, m):
+    shape = values.shape if m == 1 else values.shape[1:]
+    acc = acc_dtype(values.dtype)
+    d = values.detach().to(acc).reshape(m, *shape)
+    a = None
+    if decay is not None:
+        dec = torch.as_tensor(decay, dtype=acc, device=values.device).detach()
+        full_dims = values.dim()
+        if dec.dim() > full_dims:
+            raise ValueError(f"decay of shape {tuple(dec.shape)} does not broadcast to values {tuple(values.shape)}")
+        dec = dec.reshape((1,) * (full_dims - dec.dim()) + tuple(dec.shape))
+        if m == 1:
+            dec = dec.unsqueeze(0)
+        torch.broadcast_shapes(dec.shape, d.shape)
+        a = dec.expand(m, *dec.shape[1:]).clone()
+    flags = None
+    if reset is not None:
+        flags = torch.as_tensor(reset, dtype=torch.bool, device=values.device).reshape(-1)
+        if flags.numel() != m:
+            raise ValueError(f"reset must hold {m} flag(s) for layout={layout!r}; got {flags.numel()}")
+        keep = (~flags).to(acc).reshape(m, *([1] * len(shape)))
+        a = keep if a is None else a * keep
+    return d, a, flags
+
+
+class _ScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, decay, reset, grp, layout, algorithm, reverse):
+        m = 2 if layout == "zigzag" else 1
+        if m == 2 and (values.dim() == 0 or values.shape[0] != 2):
+            raise ValueError(f"layout='zigzag' scans two elements per rank: values needs a leading "
+                             f"dim of 2, got shape {tuple(values.shape)}")
+        d, a, flags = _normalise(values, decay, reset, layout, m)
+        out = start_scan(d, a, grp=grp, layout=layout, algorithm=algorithm, reverse=reverse).wait()
+        ctx.meta = (grp, layout, algorithm, reverse, values.shape, values.dtype, m)
+        ctx.decay_shape = None if decay is None else torch.as_tensor(decay).shape
+        ctx.save_for_backward(a, out, flags)
+        return out.reshape(values.shape).to(values.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grp, layout, algorithm, reverse, shape, dtype, m = ctx.meta
+        a, out, flags = ctx.saved_tensors
+        g = grad.to(out.dtype).reshape(out.shape)
+        t = start_scan(g, a, grp=grp, layout=layout, algorithm=algorithm, reverse=not reverse).wait()
+        gv = t.reshape(shape).to(dtype) if ctx.needs_input_grad[0] else None
+        gd = None
+        if ctx.needs_input_grad[1]:
+            ga = t * out  # d a_q = T_q * S_q
+            if flags is not None:
+                ga = ga * (~flags).to(ga.dtype).reshape(m, *([1] * (ga.dim() - 1)))
+            ga = ga.reshape(shape)
+            gd = ga.sum_to_size(ctx.decay_shape) if ctx.decay_shape != ga.shape else ga
+            gd = gd.to(dtype)
+        return gv, gd, None, None, None, None, None
+
+
+def exclusive_scan(values: torch.Tensor, *, decay=None, reset=None, group=None,
+                   layout: str = "contiguous", algorithm: str = "allgather",
+                   reverse: bool = False) -> torch.Tensor:
+    """Exclusive scan of per-rank summaries over a CP group; differentiable in ``values``
+    and ``decay``.
+
+    ``values``: this rank's element, any shape ``[*shape]`` (contiguous) or ``[2, *shape]``
+    (zigzag: the two elements in local order). ``decay``: ``None`` (sum), a number or a
+    tensor broadcastable to ``values`` (affine). ``reset``: ``None``, a bool (contiguous) or
+    two bools (zigzag); a set flag makes the state restart at that element (segmented).
+    Returns the exclusive prefix, shaped and typed like ``values``: zeros on the first
+    element (the last one with ``reverse=True``).
+
+    >>> carry = exclusive_scan(rank_total, group=cp_group)                 # sum
+    >>> carry = exclusive_scan(total, decay=gamma ** n_local, group=g)     # decayed
+    >>> carry = exclusive_scan(total, reset=has_doc_start, group=g)        # segmented
+    """
+    _check(layout, algorithm)
+    grp = resolve_group(group)
+    if isinstance(decay, torch.Tensor) and decay.requires_grad:
+        return _ScanFn.apply(values, decay, reset, grp, layout, algorithm, reverse)
+    return _ScanFn.apply(values, None if decay is None else torch.as_tensor(decay).detach(),
+                         reset, grp, layout, algorithm, reverse)
+
+
+def exclusive_sum(values: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``exclusive_scan`` with no decay and no resets."""
+    return exclusive_scan(values, **kwargs)
+

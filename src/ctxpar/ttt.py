@@ -1,0 +1,316 @@
+"""In-Place Test-Time Training (arXiv 2604.06169) for gated MLPs, under context parallelism.
+
+The math (one sequence; B sequences of a batch are independent)
+----------------------------------------------------------------
+H ``[S, D]`` is the MLP input, F = d_ff, C the chunk size, chunk i the rows [iC, (i+1)C).
+
+- Gated MLP: ``Z = act(H W_gateᵀ) ⊙ (H W_upᵀ)``, ``[S, F]``; act = SiLU by default.
+- Target: ``V̂ = Conv(T) W_targetᵀ``, ``[S, D]``. T is the MLP input (default, for continual
+  training of a pretrained model) or the token embeddings. Conv is depthwise, kernel 5,
+  centred (two tokens back, two ahead), zero-initialised, and zero-padded at *chunk* edges:
+  it never crosses a chunk boundary, since a conv across chunks would leak token t+1 into
+  the weights used at t. W_target ``[D, D]`` starts as a small random diagonal.
+- Update: ``ΔW_i = V̂_iᵀ Z_i`` ``[D, F]`` (the shape of W_down), optionally scaled to Frobenius
+  norm ≤ τ.
+- Apply: ``W_(i) = W_0 + η Σ_{j<i} ΔW_j`` (an *exclusive* prefix: a chunk never sees its own
+  delta), ``O_i = Z_i W_(i)ᵀ``, W_0 = down_proj.weight, η a learnable or fixed scalar.
+- At init the conv is zero, so V̂ = 0, ΔW = 0 and the layer equals the wrapped MLP exactly.
+
+Document resets (``cu_seqlens``, global token offsets ``[0, l1, l1+l2, ..., S]``): chunk i
+*resets* when a document starts at a position inside it, ``iC <= start < (i+1)C``. A reset
+chunk and the chunks after it see only deltas from the reset chunk on: W_(i) = W_0 for the
+reset chunk itself. Deltas are per chunk, so the reset chunk's own delta (which may hold the
+previous document's last tokens) still feeds the next chunks of the new document; with
+chunk-aligned documents no token ever sees another document.
+
+Context parallelism: each rank holds blocks of whole chunks (one block for
+``layout="contiguous"``, two for ``"zigzag"``). Block summaries are combined by an exclusive
+(segmented) scan over the global block order, :mod:`ctxpar.scan`; see :mod:`ctxpar.ttt_ops`
+for the fast path, its backward and its memory.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .comms import resolve_group
+from .layouts import local_segments
+from .scan import ALGORITHMS, acc_dtype, element_indices
+from .ttt_ops import Block, Plan, TTTApply
+
+__all__ = ["TTTConfig", "InPlaceTTTMLP", "TTTState", "convert", "chunk_resets"]
+
+TARGETS = ("mlp_input", "embeddings")
+
+
+@dataclasses.dataclass(frozen=True)
+class TTTConfig:
+    """Options of :class:`InPlaceTTTMLP` (validated on construction)."""
+
+    chunk_size: int = 1024
+    target: str = "mlp_input"          # or "embeddings"
+    conv_kernel: int = 5               # odd: centred on the token
+    eta: float = 1e-2                  # initial η
+    learn_eta: bool = True             # η is a Parameter (else a buffer)
+    clip_tau: float | None = None      # Frobenius clip of each chunk's ΔW
+    target_init_std: float = 0.02      # std of W_target's random diagonal
+    layout: str = "contiguous"         # CP sequence layout: "contiguous" or "zigzag"
+    scan_algorithm: str = "allgather"  # see ctxpar.scan.ALGORITHMS
+    overlap: bool = True               # see ctxpar.ttt_ops: gather during the chunk loop
+
+    def __post_init__(self):
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if not isinstance(self.conv_kernel, int) or self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
+            raise ValueError(f"conv_kernel must be a positive odd int, got {self.conv_kernel!r}")
+        if not math.isfinite(self.eta):
+            raise ValueError(f"eta must be finite, got {self.eta!r}")
+        if self.clip_tau is not None and not (self.clip_tau > 0 and math.isfinite(self.clip_tau)):
+            raise ValueError(f"clip_tau must be None or a positive finite number, got {self.clip_tau!r}")
+        if not self.target_init_std >= 0:
+            raise ValueError(f"target_init_std must be >= 0, got {self.target_init_std!r}")
+        if self.layout == "striped":
+            raise ValueError(
+                "layout='striped' is not supported by In-Place TTT: a striped rank holds every "
+                "N-th token, so no chunk of consecutive tokens lives on one rank; use "
+                "layout='contiguous' or 'zigzag'")
+        if self.layout not in ("contiguous", "zigzag"):
+            raise ValueError(f"layout must be 'contiguous' or 'zigzag', got {self.layout!r}")
+        if self.scan_algorithm not in ALGORITHMS:
+            raise ValueError(f"scan_algorithm must be one of {ALGORITHMS}, got {self.scan_algorithm!r}")
+
+
+def chunk_resets(cu_seqlens, seq_len: int, chunk: int, start: int, n_chunks: int) -> tuple[bool, ...]:
+    """Reset flags of global chunks ``start .. start+n_chunks-1``: True where a document
+    starts inside the chunk. ``cu_seqlens``: ``[0, ..., seq_len]``, non-decreasing."""
+    cu = [int(x) for x in torch.as_tensor(cu_seqlens).reshape(-1).tolist()]
+    if len(cu) < 2 or cu[0] != 0 or cu[-1] != seq_len or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must run non-decreasing from 0 to the global length {seq_len}; got {cu}")
+    starts = sorted(set(cu[:-1]))
+    flags = []
+    for i in range(start, start + n_chunks):
+        k = bisect.bisect_left(starts, i * chunk)
+        flags.append(k < len(starts) and starts[k] < (i + 1) * chunk)
+    return tuple(flags)
+
+
+@dataclasses.dataclass
+class TTTState:
+    """Streaming state: ``delta`` ``[B, D, F]`` is Σ of the completed chunks' ΔW (carry dtype);
+    ``t_buf`` ``[B, n, D]`` / ``z_buf`` ``[B, n, F]`` hold the n < C tokens of the open chunk."""
+
+    delta: torch.Tensor
+    t_buf: torch.Tensor
+    z_buf: torch.Tensor
+    position: int = 0
+
+
+class InPlaceTTTMLP(nn.Module):
+    """A gated MLP whose down projection is a fast weight (see the module docstring).
+
+    ``mlp`` needs ``gate_proj``, ``up_proj``, ``down_proj`` (``nn.Linear``) and optionally
+    ``act_fn`` (SiLU if absent). Its submodules are reused, not copied: their parameters keep
+    their names (``gate_proj.weight``, ...) and ``requires_grad``. New parameters, all
+    trainable: ``ttt_conv`` ``[D, 1, k]`` (zeros), ``ttt_target`` ``[D, D]`` (W_target) and
+    ``ttt_eta`` (a buffer instead if ``learn_eta=False``).
+
+    ``forward(x [B, S_local, D], *, embeddings=None, cu_seqlens=None) -> [B, S_local, D]``.
+    Under CP, ``x`` is this rank's shard in ``layout`` order on ``group`` (a ProcessGroup,
+    1-D DeviceMesh or CPGroup; None = WORLD if initialised, else one process). Parameter
+    gradients are this rank's share: sum them over the group, as for any replicated weight.
+    """
+
+    def __init__(self, mlp: nn.Module, *, config: TTTConfig | None = None, group=None, **options):
+        super().__init__()
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(TTTConfig)})
+        if unknown:
+            raise ValueError(f"unknown InPlaceTTTMLP option(s) {unknown}; see TTTConfig")
+        cfg = dataclasses.replace(config or TTTConfig(), **options)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            if not isinstance(getattr(mlp, name, None), nn.Linear):
+                raise ValueError(f"InPlaceTTTMLP wraps a gated MLP with nn.Linear {name}; "
+                                 f"{type(mlp).__name__} has {type(getattr(mlp, name, None)).__name__}")
+        self.config, self.group = cfg, group
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.act_fn = getattr(mlp, "act_fn", None) or nn.SiLU()
+        w0 = self.down_proj.weight
+        d = w0.shape[0]
+        kw = dict(dtype=w0.dtype, device=w0.device)
+        self.ttt_conv = nn.Parameter(torch.zeros(d, 1, cfg.conv_kernel, **kw))
+        diag = torch.randn(d, dtype=torch.float32, device=w0.device) * cfg.target_init_std
+        self.ttt_target = nn.Parameter(torch.diag(diag).to(w0.dtype))
+        eta = torch.tensor(float(cfg.eta), **kw)
+        if cfg.learn_eta:
+            self.ttt_eta = nn.Parameter(eta)
+        else:
+            self.register_buffer("ttt_eta", eta)
+        self._embedding_tap = None  # set by convert(target="embeddings")
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"chunk_size={c.chunk_size}, target={c.target!r}, layout={c.layout!r}, "
+                f"clip_tau={c.clip_tau}, scan={c.scan_algorithm!r}")
+
+    # -------------------------------------------------------------------------- pieces
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Z = act(x W_gateᵀ) ⊙ (x W_upᵀ): ``[B, S, F]``."""
+        return self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+
+    def targets(self, t: torch.Tensor) -> torch.Tensor:
+        """V̂ = Conv(t) W_targetᵀ for ``t`` ``[B, S, D]`` with S a multiple of the chunk size;
+        the conv is zero-padded at every chunk edge."""
+        bsz, s, d = t.shape
+        c = self.config.chunk_size
+        chunks = t.reshape(bsz * (s // c), c, d).transpose(1, 2)
+        conv = F.conv1d(chunks, self.ttt_conv, padding=self.config.conv_kernel // 2, groups=d)
+        return F.linear(conv.transpose(1, 2).reshape(bsz, s, d), self.ttt_target)
+
+    def _target_source(self, x, embeddings):
+        if self.config.target == "mlp_input":
+            return x
+        if embeddings is None and self._embedding_tap is not None:
+            embeddings = self._embedding_tap.value
+        if embeddings is None or embeddings.shape != x.shape:
+            raise ValueError(f"target='embeddings' needs embeddings shaped like the input "
+                             f"{tuple(x.shape)}; got {None if embeddings is None else tuple(embeddings.shape)}")
+        return embeddings
+
+    def plan(self, local_len: int, cu_seqlens=None) -> Plan:
+        """This rank's blocks of chunks, with their reset flags."""
+        cfg, grp = self.config, resolve_group(self.group)
+        c, world = cfg.chunk_size, grp.size
+        seq_len = local_len * world
+        segs = local_segments(cfg.layout, grp.rank, world, seq_len)
+        elems = element_indices(cfg.layout, grp.rank, world)
+        blocks, row = [], 0
+        for seg, elem in zip(segs, elems):
+            if seg.length % c:
+                raise ValueError(
+                    f"chunk_size={c} does not divide the shard: layout={cfg.layout!r} on {world} "
+                    f"rank(s) gives each rank a shard of {local_len} tokens"
+                    + (f" in two blocks of {seg.length}" if len(segs) > 1 else "")
+                    + "; a shard boundary must fall on a chunk boundary")
+            n = seg.length // c
+            flags = (chunk_resets(cu_seqlens, seq_len, c, seg.start // c, n)
+                     if cu_seqlens is not None else (False,) * n)
+            blocks.append(Block(row, seg.length, elem, flags))
+            row += seg.length
+        return Plan(c, tuple(blocks), len(elems) * world, grp, cfg.layout, cfg.scan_algorithm,
+                    cfg.clip_tau, cu_seqlens is not None, cfg.overlap)
+
+    # ------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *, embeddings=None, cu_seqlens=None) -> torch.Tensor:
+        if x.dim() != 3:
+            raise ValueError(f"expected x of shape [batch, seq, hidden], got {tuple(x.shape)}")
+        plan = self.plan(x.shape[1], cu_seqlens)
+        z = self.activations(x)
+        v = self.targets(self._target_source(x, embeddings))
+        return TTTApply.apply(z, v, self.down_proj.weight, self.down_proj.bias, self.ttt_eta, plan)
+
+    # ----------------------------------------------------------------------- streaming
+    def step(self, x: torch.Tensor, state: TTTState | None = None, *, embeddings=None):
+        """Streaming prefill/decode on one process: ``x`` ``[B, n, D]`` (a prompt or one
+        token) -> ``(out [B, n, D], state)``. A chunk's delta enters the fast weight when the
+        chunk completes (its conv looks ahead within the chunk), so the outputs equal the
+        full-sequence forward. Document resets: start a fresh state."""
+        if resolve_group(self.group).size > 1:
+            raise ValueError("step() decodes on one process; call it with group of size 1 "
+                             f"(this layer's group has {resolve_group(self.group).size} ranks)")
+        c = self.config.chunk_size
+        w0 = self.down_proj.weight
+        acc = acc_dtype(w0.dtype)
+        bsz, d, nf = x.shape[0], w0.shape[0], w0.shape[1]
+        if state is None:
+            state = TTTState(torch.zeros(bsz, d, nf, dtype=acc, device=x.device),
+                             x.new_zeros(bsz, 0, d), x.new_zeros(bsz, 0, nf))
+        t_all, z_all = self._target_source(x, embeddings), self.activations(x)
+        eta = self.ttt_eta.to(acc)
+        outs, pos = [], 0
+        while pos < x.shape[1]:
+            take = min(c - state.t_buf.shape[1], x.shape[1] - pos)
+            z_r = z_all[:, pos:pos + take]
+            if acc != z_r.dtype:
+                base = F.linear(z_r, w0, self.down_proj.bias).to(acc)
+                o = base + torch.bmm(z_r.to(acc), (eta * state.delta).transpose(1, 2))
+            else:
+                o = F.linear(z_r, w0, self.down_proj.bias) + torch.bmm(z_r, (eta * state.delta).transpose(1, 2))
+            outs.append(o.to(x.dtype))
+            t_buf = torch.cat([state.t_buf, t_all[:, pos:pos + take]], 1)
+            z_buf = torch.cat([state.z_buf, z_r], 1)
+            delta = state.delta
+            if t_buf.shape[1] == c:  # the chunk is complete: fold its delta in
+                v = self.targets(t_buf).to(acc)
+                dw = torch.bmm(v.transpose(1, 2), z_buf.to(acc))
+                if self.config.clip_tau is not None:
+                    norm = torch.linalg.vector_norm(dw.flatten(1), dim=1)
+                    dw = dw * (self.config.clip_tau / norm).clamp(max=1.0).view(-1, 1, 1)
+                delta, t_buf, z_buf = delta + dw, t_buf[:, :0], z_buf[:, :0]
+            state = TTTState(delta, t_buf, z_buf, state.position + take)
+            pos += take
+        return torch.cat(outs, 1), state
+
+
+# -------------------------------------------------------------------------- HF drop-in
+
+
+class _EmbeddingTap:
+    """Holds the latest output of a model's input embedding (filled by a forward hook)."""
+
+    def __init__(self):
+        self.value = None
+
+    def __call__(self, module, args, output):
+        self.value = output
+
+
+def _decoder_layers(model: nn.Module):
+    for owner in (model, getattr(model, "model", None), getattr(model, "get_decoder", lambda: None)()):
+        layers = getattr(owner, "layers", None)
+        if isinstance(layers, nn.ModuleList) and all(hasattr(l, "mlp") for l in layers):
+            return layers
+    raise ValueError(f"{type(model).__name__} has no decoder `layers` with an `mlp` each "
+                     "(expected a Llama / Qwen2 / Qwen3-style model)")
+
+
+def convert(model: nn.Module, *, layers=None, chunk_size: int = 1024, every: int = 6,
+            group=None, **options) -> nn.Module:
+    """Replace, in place, the gated MLPs of a Hugging Face Llama / Qwen2 / Qwen3-style model
+    by :class:`InPlaceTTTMLP` and return the model.
+
+    ``layers``: indices to convert; default every ``every``-th layer, counting from one
+    (layers 5, 11, 17, ... for every=6, the paper's released configuration). ``options`` go to
+    :class:`TTTConfig` (``target``, ``eta``, ``clip_tau``, ``layout``, ...).
+
+    Pretrained outputs are unchanged at init (the conv is zero). Trainable parameters
+    added per converted layer: ``mlp.ttt_conv``, ``mlp.ttt_target`` and ``mlp.ttt_eta``
+    (unless ``learn_eta=False``). The wrapped ``gate_proj``/``up_proj``/``down_proj`` keep
+    their names and their ``requires_grad``: freeze them yourself for a TTT-only fine-tune.
+    With ``target="embeddings"`` a forward hook on the input embedding feeds the layers."""
+    stack = _decoder_layers(model)
+    if layers is None:
+        layers = [i for i in range(len(stack)) if i % every == every - 1]
+        if not layers:
+            raise ValueError(f"the model has {len(stack)} layers, so converting every {every}th "
+                             "layer selects none; pass layers=[...]")
+    layers = sorted(set(int(i) for i in layers))
+    bad = [i for i in layers if not 0 <= i < len(stack)]
+    if bad:
+        raise ValueError(f"layers {bad} out of range for a model with {len(stack)} layers")
+    tap = None
+    if options.get("target") == "embeddings":
+        tap = _EmbeddingTap()
+        model.get_input_embeddings().register_forward_hook(tap)
+    for i in layers:
+        if isinstance(stack[i].mlp, InPlaceTTTMLP):
+            raise ValueError(f"layer {i} is already converted")
+        new = InPlaceTTTMLP(stack[i].mlp, chunk_size=chunk_size, group=group, **options)
+        new._embedding_tap = tap
+        stack[i].mlp = new
+    return model

@@ -1,0 +1,69 @@
+"""Float64 reference for In-Place TTT: a token-by-token apply-then-update loop.
+
+Written from the definitions only, independently of :mod:`ctxpar.ttt_ops` (no chunked
+matmuls, no prefix accumulators, no scans): each token is first *applied* with the current
+fast weight, then its outer product is added to the pending delta of its chunk; when a chunk
+ends its (clipped) pending delta is folded into the fast weight. Slow, for tests only.
+Differentiable with ordinary autograd, so its gradients serve as the reference too.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ttt_reference", "reference_resets"]
+
+
+def reference_resets(cu_seqlens, seq_len: int, chunk: int) -> list[bool]:
+    """Chunk i resets iff some document start s (an entry of cu_seqlens except the last)
+    satisfies i*chunk <= s < (i+1)*chunk."""
+    starts = [int(s) for s in list(cu_seqlens)[:-1]]
+    n = seq_len // chunk
+    return [any(i * chunk <= s < (i + 1) * chunk for s in starts) for i in range(n)]
+
+
+def ttt_reference(x, *, w_gate, w_up, w_down, conv_weight, w_target, eta, chunk_size,
+                  target=None, act=F.silu, clip_tau=None, cu_seqlens=None, bias=None):
+    """x ``[B, S, D]`` (the MLP input); ``target`` ``[B, S, D]`` the target source (default
+    x); w_gate/w_up ``[F, D]``, w_down ``[D, F]``, conv_weight ``[D, 1, k]``, w_target
+    ``[D, D]``, eta a scalar. Returns ``[B, S, D]`` in float64."""
+    f64 = torch.float64
+    x = x.to(f64)
+    t_src = x if target is None else target.to(f64)
+    wg, wu, w0 = w_gate.to(f64), w_up.to(f64), w_down.to(f64)
+    kern, wt = conv_weight.to(f64)[:, 0, :], w_target.to(f64)
+    eta = torch.as_tensor(eta).to(f64)
+    b0 = None if bias is None else bias.to(f64)
+    bsz, seq, _ = x.shape
+    c, half = chunk_size, conv_weight.shape[-1] // 2
+    resets = reference_resets(cu_seqlens, seq, c) if cu_seqlens is not None else [False] * (seq // c)
+    outs = []
+    for b in range(bsz):
+        fast = w0
+        pending = torch.zeros_like(w0)
+        rows = []
+        for t in range(seq):
+            i = t // c
+            if t % c == 0:
+                if t > 0:  # the previous chunk just ended: update
+                    delta = pending
+                    if clip_tau is not None:
+                        delta = delta * torch.clamp(clip_tau / torch.linalg.norm(delta), max=1.0)
+                    fast = fast + eta * delta
+                    pending = torch.zeros_like(w0)
+                if resets[i]:
+                    fast = w0
+            h = x[b, t]
+            z = act(wg @ h) * (wu @ h)
+            o = fast @ z  # apply
+            rows.append(o if b0 is None else o + b0)
+            # Target: the conv sees tokens t-half .. t+half of the same chunk only.
+            conv = torch.zeros_like(h)
+            for k in range(kern.shape[1]):
+                src = t + k - half
+                if i * c <= src < (i + 1) * c:
+                    conv = conv + kern[:, k] * t_src[b, src]
+            v = wt @ conv
+            pending = pending + torch.outer(v, z)  # update, used from the next chunk on
+        outs.append(torch.stack(rows))
+    return torch.stack(outs)

@@ -1,0 +1,295 @@
+"""In-Place TTT layer: CP fast path (worlds 1-4, contiguous/zigzag, fp64/fp32/bf16) against
+the float64 token-by-token reference for the output and every gradient; causality, memory,
+streaming, communication volume, exactness at init and input validation."""
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import ctxpar
+from ctxpar.launch import RankError
+from ctxpar.ttt import InPlaceTTTMLP, TTTConfig
+from ctxpar.ttt_reference import ttt_reference
+
+WORLDS = [1, 2, 3, 4]
+D, FF, B, S, C = 8, 16, 2, 96, 4
+TOL = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2}
+CU = (0, 10, 16, 45, 46, 80, 96)  # a start mid-chunk, chunk-aligned ones, two in one chunk
+PARAMS = ("gate_proj.weight", "up_proj.weight", "down_proj.weight", "ttt_conv", "ttt_target", "ttt_eta")
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, d, ff):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, ff, bias=False)
+        self.up_proj = nn.Linear(d, ff, bias=False)
+        self.down_proj = nn.Linear(ff, d, bias=False)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _layer(dtype, group=None, trained=True, **options):
+    """A layer with every TTT parameter away from its init, so that ΔW != 0."""
+    torch.manual_seed(0)
+    layer = InPlaceTTTMLP(GatedMLP(D, FF).double(), group=group, chunk_size=options.pop("chunk_size", C),
+                          **options).double()
+    if trained:
+        with torch.no_grad():
+            layer.ttt_conv.normal_()
+            layer.ttt_target.normal_(std=0.3)
+            layer.ttt_eta.fill_(0.3)
+    return layer.to(dtype)
+
+
+def _data(dtype, seq=S):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, seq, D, generator=g, dtype=torch.float64).to(dtype)
+    gout = torch.randn(B, seq, D, generator=g, dtype=torch.float64)
+    return x, gout
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(dtype_name, clip=None, cu=None, seq=S):
+    dtype = getattr(torch, dtype_name)
+    layer = _layer(dtype, clip_tau=clip)
+    x, gout = _data(dtype, seq)
+    p = {k: v.detach().double().requires_grad_(True) for k, v in layer.named_parameters()}
+    xr = x.double().requires_grad_(True)
+    out = ttt_reference(xr, w_gate=p["gate_proj.weight"], w_up=p["up_proj.weight"],
+                        w_down=p["down_proj.weight"], conv_weight=p["ttt_conv"],
+                        w_target=p["ttt_target"], eta=p["ttt_eta"], chunk_size=C,
+                        clip_tau=clip, cu_seqlens=cu)
+    (out * gout).sum().backward()
+    return out.detach(), xr.grad, {k: v.grad for k, v in p.items()}
+
+
+def _cp_rank(dtype_name, layout, clip=None, cu=None, algorithm="allgather", seq=S, overlap=True):
+    dtype = getattr(torch, dtype_name)
+    layer = _layer(dtype, layout=layout, clip_tau=clip, scan_algorithm=algorithm, overlap=overlap)
+    x, gout = _data(dtype, seq)
+    x_local = ctxpar.shard(x, layout=layout).detach().requires_grad_(True)
+    with ctxpar.comm_counters() as counters:
+        out = layer(x_local, cu_seqlens=None if cu is None else torch.tensor(cu, dtype=torch.int32))
+        (out.double() * ctxpar.shard(gout, layout=layout)).sum().backward()
+    return dict(pos=ctxpar.position_ids(seq, layout=layout), out=out.detach(), dx=x_local.grad,
+                grads={k: v.grad for k, v in layer.named_parameters()},
+                bytes=counters.bytes_recv, dtype=out.dtype)
+
+
+def _assemble(results, key):
+    first = results[0][key]
+    full = torch.zeros(first.shape[0], S, *first.shape[2:], dtype=torch.float64)
+    for r in results:
+        full[:, r["pos"]] = r[key].double()
+    return full
+
+
+def _close(got, want, tol, what):
+    err = (got.double() - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert scale > 0, what
+    assert err <= tol * scale, f"{what}: max error {err:.3g} vs magnitude {scale:.3g} (tol {tol})"
+
+
+def _check(results, dtype_name, clip=None, cu=None):
+    ref_out, ref_dx, ref_grads = _reference(dtype_name, clip, cu)
+    tol = TOL[dtype_name]
+    assert all(r["dtype"] == getattr(torch, dtype_name) for r in results)
+    _close(_assemble(results, "out"), ref_out, tol, "output")
+    _close(_assemble(results, "dx"), ref_dx, tol, "input grad")
+    for name in PARAMS:  # parameter gradients are per-rank shares: their sum is the total
+        _close(sum(r["grads"][name].double() for r in results), ref_grads[name], tol, name)
+
+
+@pytest.mark.parametrize("dtype_name", ["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("world", WORLDS)
+def test_cp_layer_matches_reference(run_ranks, world, layout, dtype_name):
+    _check(run_ranks(world, _cp_rank, dtype_name, layout), dtype_name)
+
+
+@pytest.mark.parametrize("algorithm", ["hillis_steele", "ring"])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_resets_clip_and_scan_algorithms(run_ranks, world, layout, algorithm):
+    for clip, cu in ((0.5, None), (None, CU), (0.5, CU)):
+        _check(run_ranks(world, _cp_rank, "float64", layout, clip, cu, algorithm), "float64", clip, cu)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_without_overlap(run_ranks, world, layout):
+    _check(run_ranks(world, _cp_rank, "float32", layout, None, None, "allgather", S, False), "float32")
+    _check(run_ranks(world, _cp_rank, "float64", layout, 0.5, CU, "ring", S, False), "float64", 0.5, CU)
+
+
+def test_resets_and_clip_allgather_and_fp32(run_ranks):
+    _check(run_ranks(3, _cp_rank, "float64", "zigzag", 0.5, CU), "float64", 0.5, CU)
+    _check(run_ranks(2, _cp_rank, "float32", "contiguous", 0.5, CU), "float32", 0.5, CU)
+    _check(run_ranks(1, _cp_rank, "float64", "contiguous", None, CU), "float64", None, CU)
+
+
+def test_bytes_per_rank_do_not_depend_on_sequence_length(run_ranks):
+    world = 2
+    per_s = {}
+    for seq in (32, 64):
+        per_s[seq] = [r["bytes"] for r in run_ranks(world, _cp_rank, "float32", "contiguous", None, None,
+                                                     "allgather", seq)]
+    # One all-gather of the fp32 block summary [B, D, F] forward, one backward.
+    expected = 2 * (world - 1) * B * D * FF * 4
+    assert per_s[32] == per_s[64] == [expected] * world
+
+
+def _causality_rank(layout, t):
+    layer = _layer(torch.float32, layout=layout)
+    x, _ = _data(torch.float32)
+    x2 = x.clone()
+    x2[:, t + 1] += 1.0
+    outs = []
+    for inp in (x, x2):
+        outs.append(ctxpar.unshard(layer(ctxpar.shard(inp, layout=layout)), layout=layout).detach())
+    return outs
+
+
+@pytest.mark.parametrize("world,layout", [(1, "contiguous"), (1, "zigzag"), (2, "contiguous"), (3, "zigzag")])
+def test_causality_probe(run_ranks, world, layout):
+    for t in (5, 7, 8, 40, 47, 94):  # inside a chunk, at chunk ends, at shard/block ends
+        a, b = run_ranks(world, _causality_rank, layout, t)[0]
+        assert torch.equal(a[:, : t + 1], b[:, : t + 1]), t
+        assert not torch.equal(a[:, t + 1:], b[:, t + 1:])  # the perturbation is visible later
+
+
+def test_equals_wrapped_mlp_at_init():
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        torch.manual_seed(0)
+        mlp = GatedMLP(D, FF).to(dtype)
+        layer = InPlaceTTTMLP(mlp, chunk_size=C)
+        x = torch.randn(B, 32, D).to(dtype)
+        assert torch.equal(layer(x), mlp(x)), dtype
+        assert layer.gate_proj is mlp.gate_proj and layer.down_proj.weight is mlp.down_proj.weight
+        # The target projection is a small random diagonal; the conv starts at zero.
+        assert torch.count_nonzero(layer.ttt_target - torch.diag(torch.diagonal(layer.ttt_target))) == 0
+        assert torch.count_nonzero(layer.ttt_conv) == 0
+
+
+def _saved_bytes(fn):
+    seen, total = set(), [0]
+
+    def pack(t):
+        storage = t.untyped_storage()  # views of one tensor are one allocation
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total[0] += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+def _naive_forward(layer, x, chunk):
+    """The all-chunk-weights form: materialises W_(i) for every chunk (autograd keeps them)."""
+    z = layer.activations(x)
+    v = layer.targets(x)
+    w, outs = layer.down_proj.weight, []
+    for s in range(0, x.shape[1], chunk):
+        outs.append(z[:, s:s + chunk] @ w.transpose(0, 1))
+        w = w + layer.ttt_eta * (v[0, s:s + chunk].T @ z[0, s:s + chunk])
+    return torch.cat(outs, 1)
+
+
+def test_saved_tensors_do_not_grow_with_chunks():
+    seq = 64
+    x = torch.randn(1, seq, D, dtype=torch.float32)
+    ours, naive = {}, {}
+    for chunk in (4, 8, 16, 32):
+        layer = _layer(torch.float32, chunk_size=chunk)
+        ours[chunk] = _saved_bytes(lambda: layer(x))
+        naive[chunk] = _saved_bytes(lambda: _naive_forward(layer, x, chunk))
+    assert len(set(ours.values())) == 1, ours  # 2 to 16 chunks: identical saved bytes
+    assert naive[4] - naive[32] >= (16 - 2) * D * FF * 4 // 2, naive  # the probe sees growth
+    # Clipping saves nothing per chunk either (the factors are recomputed with ΔW).
+    clipped = {ck: _saved_bytes(lambda: _layer(torch.float32, chunk_size=ck, clip_tau=0.5)(x)) for ck in (4, 32)}
+    assert clipped[4] == clipped[32] == ours[4]
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_streaming_matches_full_forward(clip):
+    layer = _layer(torch.float64, chunk_size=8, clip_tau=clip)
+    x, _ = _data(torch.float64, seq=40)
+    with torch.no_grad():
+        full = layer(x)
+        out, state = layer.step(x[:, :11])  # prefill: one full chunk and 3 tokens
+        outs = [out]
+        for t in range(11, 40):
+            out, state = layer.step(x[:, t:t + 1], state)
+            outs.append(out)
+    assert state.position == 40 and state.t_buf.shape[1] == 0
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
+    plain = _layer(torch.float64, chunk_size=8, trained=False)(x)
+    assert (full - plain).abs().max() > 1e-3  # the fast weights do change the output
+
+
+def test_embeddings_target():
+    layer = _layer(torch.float64, chunk_size=8, target="embeddings")
+    x, _ = _data(torch.float64, seq=32)
+    emb = torch.randn_like(x)
+    p = dict(layer.named_parameters())
+    ref = ttt_reference(x, w_gate=p["gate_proj.weight"], w_up=p["up_proj.weight"], w_down=p["down_proj.weight"],
+                        conv_weight=p["ttt_conv"], w_target=p["ttt_target"], eta=p["ttt_eta"],
+                        chunk_size=8, target=emb)
+    torch.testing.assert_close(layer(x, embeddings=emb), ref, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="target='embeddings' needs embeddings"):
+        layer(x)
+
+
+def test_down_proj_bias():
+    torch.manual_seed(0)
+    mlp = GatedMLP(D, FF).double()
+    mlp.down_proj = nn.Linear(FF, D, bias=True).double()
+    layer = InPlaceTTTMLP(mlp, chunk_size=4)
+    x = torch.randn(B, 16, D, dtype=torch.float64)
+    assert torch.equal(layer(x), mlp(x))  # exact at init, bias included
+    with torch.no_grad():
+        layer.ttt_conv.normal_()
+    p = dict(layer.named_parameters())
+    ref = ttt_reference(x, w_gate=p["gate_proj.weight"], w_up=p["up_proj.weight"], w_down=p["down_proj.weight"],
+                        conv_weight=p["ttt_conv"], w_target=p["ttt_target"], eta=p["ttt_eta"],
+                        chunk_size=4, bias=p["down_proj.bias"])
+    (gb_ref,) = torch.autograd.grad((ref * x).sum(), p["down_proj.bias"])
+    out = layer(x)
+    (gb,) = torch.autograd.grad((out * x).sum(), p["down_proj.bias"])
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gb, gb_ref, rtol=1e-10, atol=1e-10)
+
+
+def _bad_chunk_rank():
+    InPlaceTTTMLP(GatedMLP(D, FF), chunk_size=8, layout="zigzag")(torch.zeros(1, 12, D))
+
+
+def test_validation_errors(run_ranks):
+    with pytest.raises(ValueError, match="striped"):
+        InPlaceTTTMLP(GatedMLP(D, FF), layout="striped")
+    with pytest.raises(ValueError, match="chunk_size=8 does not divide the shard.*30 tokens"):
+        InPlaceTTTMLP(GatedMLP(D, FF), chunk_size=8)(torch.zeros(1, 30, D))
+    with pytest.raises(RankError) as info:
+        run_ranks(2, _bad_chunk_rank)
+    assert set(info.value.exc_types.values()) == {"ValueError"}
+    assert "chunk_size=8 does not divide the shard" in info.value.failures[1]
+    assert "12 tokens in two blocks of 6" in info.value.failures[1]
+    with pytest.raises(ValueError, match="cu_seqlens must run non-decreasing from 0 to the global length 16"):
+        InPlaceTTTMLP(GatedMLP(D, FF), chunk_size=4)(torch.zeros(1, 16, D), cu_seqlens=torch.tensor([0, 9, 5, 16]))
+    for bad, msg in (({"chunk_size": 0}, "chunk_size must be a positive int, got 0"),
+                     ({"conv_kernel": 4}, "conv_kernel must be a positive odd int, got 4"),
+                     ({"target": "labels"}, "target must be one of"),
+                     ({"clip_tau": -1.0}, "clip_tau must be None or a positive finite number, got -1.0"),
+                     ({"scan_algorithm": "tree"}, "scan_algorithm must be one of")):
+        with pytest.raises(ValueError, match=msg):
+            TTTConfig(**bad)
+    with pytest.raises(ValueError, match=r"unknown InPlaceTTTMLP option\(s\) \['chunk'\]"):
+        InPlaceTTTMLP(GatedMLP(D, FF), chunk=4)
+    with pytest.raises(ValueError, match="nn.Linear gate_proj"):
+        InPlaceTTTMLP(nn.Module())
