@@ -117,6 +117,11 @@ def _record_compute(kind: str, score_elements: int) -> None:
         c.score_elements[kind] += score_elements
 
 
+# torch 2.13 renamed the tensor collectives (*_single); older releases have only the old names.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -185,7 +190,7 @@ def all_gather(grp: CPGroup, t: torch.Tensor, async_op: bool = False):
         out[0].copy_(t)
         return (out, PendingExchange([])) if async_op else out
     # Gathered flat (gloo wants the output as a concatenation along dim 0).
-    work = dist.all_gather_into_tensor(flat, t.reshape(-1), group=grp.pg, async_op=async_op)
+    work = _ALL_GATHER(flat, t.reshape(-1), group=grp.pg, async_op=async_op)
     _record("all_gather", _nbytes(t) * (grp.size - 1), _nbytes(t) * (grp.size - 1))
     if async_op:
         return out, PendingExchange([work])
@@ -204,7 +209,7 @@ def reduce_scatter(grp: CPGroup, t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(full, group=grp.pg)
         out.copy_(full[grp.rank])
     else:
-        dist.reduce_scatter_tensor(out, t.contiguous(), group=grp.pg)
+        _REDUCE_SCATTER(out, t.contiguous(), group=grp.pg)
     per = _nbytes(out)
     _record("reduce_scatter", per * (grp.size - 1), per * (grp.size - 1))
     return out
@@ -219,3 +224,20 @@ def all_reduce(grp: CPGroup, t: torch.Tensor, op=None) -> torch.Tensor:
     vol = 2 * _nbytes(t) * (grp.size - 1) // grp.size
     _record("all_reduce", vol, vol)
     return t
+
+
+def all_to_all_single(grp: CPGroup, t: torch.Tensor) -> torch.Tensor:
+    """All-to-all on one buffer whose leading dim is the group size: ``t[j]`` goes to rank
+    j and ``out[j]`` comes from rank j (``out`` has ``t``'s shape). Unlike
+    :func:`all_to_all` the caller lays the send buffer out itself, so the one copy that
+    builds it can also do any transposition it needs (no extra stack copy)."""
+    if t.shape[0] != grp.size:
+        raise ValueError(f"all_to_all_single needs a leading dim of {grp.size}; got {tuple(t.shape)}")
+    if grp.size == 1:
+        return t
+    t = t.contiguous()
+    out = torch.empty_like(t)
+    dist.all_to_all_single(out, t, group=grp.pg)
+    per = _nbytes(t[0])
+    _record("all_to_all", per * (grp.size - 1), per * (grp.size - 1))
+    return out
