@@ -2,7 +2,7 @@
 cross-document leakage, no NaN, window-limited communication."""
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import ctxpar
@@ -47,6 +47,7 @@ def _packed_errors(doc_lens, layout, causal, window, method, dtype_name="float64
        window=st.sampled_from([(-1, -1), (3, 0), (4, 2), (0, 0), (-1, 3)]),
        world=st.sampled_from([1, 2, 3, 4]), method=st.sampled_from(METHODS))
 def test_packed_documents_match_reference(rank_pools, doc_lens, layout, causal, window, world, method):
+    assume(method != "ulysses" or 4 % world == 0)  # Ulysses splits the 4 query heads
     for rank, errs in enumerate(rank_pools.get(world).run(_packed_errors, doc_lens, layout, causal,
                                                           window, method)):
         bad = {k: e for k, e in errs.items() if not e <= 1e-10}

@@ -3,8 +3,9 @@ attention across a sequence-sharded CP group, plus In-Place test-time training).
 
 Tensor layout: ``[batch, seq, heads, head_dim]``; LSE ``[batch, heads, seq]``.
 """
-from .attention import METHODS, AttentionConfig, attention
+from .attention import METHODS, AttentionConfig, attention, choose_method
 from .comms import CommCounters, comm_counters
+from .mesh import cp_mesh
 from .layouts import LAYOUTS, position_ids, shard, unshard
 from . import scan, ttt
 from .ttt import InPlaceTTTMLP
@@ -19,6 +20,8 @@ __all__ = [
     "METHODS",
     "AttentionConfig",
     "attention",
+    "choose_method",
+    "cp_mesh",
     "LAYOUTS",
     "CommCounters",
     "comm_counters",

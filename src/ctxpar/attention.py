@@ -1,4 +1,16 @@
-"""The public entry point: ``ctxpar.attention`` over a sequence-sharded CP group."""
+"""The public entry point: ``ctxpar.attention`` over a sequence-sharded CP group.
+
+Every method computes the same exact attention (equal to the float64 reference up to the
+dtype's rounding, for every layout, forward and backward); they differ only in how they
+communicate:
+
+- ``"ring"``: K/V blocks rotate peer to peer, overlapped with compute (``ctxpar.ring``).
+- ``"ulysses"``: all-to-alls trade sequence shards for head shards (``ctxpar.ulysses``).
+- ``"allgather"``: K/V all-gathered once, dK/dV reduce-scattered (``ctxpar.allgather``).
+- ``"hybrid"``: Ulysses within the mesh's ``ulysses`` axis, ring across its ``ring`` axis
+  (``ctxpar.hybrid``); needs a mesh from ``ctxpar.cp_mesh``.
+- ``"auto"``: one of the above, by :func:`choose_method`.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -6,16 +18,20 @@ import math
 
 import torch
 
-from .comms import CPGroup, resolve_group
-from .kernels import BACKENDS
-from .layouts import check_divisible, check_layout
+from . import comms
+from .allgather import allgather_attention
 from .checks import check_consistent_args
+from .hybrid import hybrid_attention
+from .kernels import BACKENDS
+from .layouts import check_cp_divisible, check_layout
+from .mesh import CPTopology, resolve_topology
 from .packing import ShardSpec
 from .ring import ring_attention
+from .ulysses import check_heads, kv_replication, ulysses_attention
 
-__all__ = ["attention", "AttentionConfig", "METHODS"]
+__all__ = ["attention", "AttentionConfig", "METHODS", "choose_method"]
 
-METHODS = ("ring",)
+METHODS = ("ring", "ulysses", "allgather", "hybrid", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +78,34 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
 
 
+def choose_method(topo: CPTopology, hq: int, hkv: int) -> str:
+    """The rule behind ``method="auto"``; it depends only on the mesh shape and the head
+    counts, so every rank picks the same method.
+
+    1. ``"hybrid"`` when the group is a mesh with ``ring`` and ``ulysses`` axes.
+    2. ``"ring"`` on a group of one rank (no communication at all, any method is the same).
+    3. ``"ulysses"`` when the N ranks split the query heads (``Hq % N == 0``) and the
+       all-to-alls move no more bytes than rotating K/V round the ring:
+       ``Hq + Hkv' <= N·Hkv`` with ``Hkv' = lcm(Hkv, N)`` the replicated K/V heads (per rank,
+       Ulysses sends ``(N-1)/N²·S·D·(2Hq + 2Hkv')`` in the forward, the ring
+       ``(N-1)/N·S·D·2Hkv``). Always true for MHA. Ulysses is balanced for every layout
+       and runs one fused kernel per rank.
+    4. ``"allgather"`` for GQA/MQA (``Hkv < Hq``), where K/V are small enough to gather
+       and keep (Llama-3's choice); its backward moves no K/V again.
+    5. ``"ring"`` otherwise (MHA with heads that do not split over N ranks).
+    """
+    if topo.is_mesh:
+        return "hybrid"
+    n = topo.size
+    if n == 1:
+        return "ring"
+    if hq % n == 0 and hq + hkv * kv_replication(hkv, n) <= n * hkv:
+        return "ulysses"
+    if hkv < hq:
+        return "allgather"
+    return "ring"
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
               method: str = "ring", layout: str = "zigzag", causal: bool = False,
               scale: float | None = None, window: tuple[int, int] = (-1, -1),
@@ -71,12 +115,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
 
     Args:
         q: ``[B, S_local, Hq, D]``, this rank's queries in the ``layout``'s local order
-            (see ``ctxpar.shard``).
+            (see ``ctxpar.shard``, called with the same ``group``).
         k, v: ``[B, S_local, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA/MQA).
         group: the CP group: None (WORLD, or a world of one without torch.distributed),
-            a ProcessGroup or a 1-D DeviceMesh.
-        method: "ring" (K/V rotate peer to peer).
+            a ProcessGroup or a 1-D DeviceMesh for "ring", "ulysses" and "allgather"; a
+            DeviceMesh with axes ``("ring", "ulysses")`` (``ctxpar.cp_mesh``), possibly
+            with outer data-parallel axes such as ``("dp", "ring", "ulysses")``, for
+            "hybrid".
+        method: "ring", "ulysses", "allgather", "hybrid" or "auto" (see the module
+            docstring and :func:`choose_method`).
         layout: "contiguous", "zigzag" or "striped": how the global sequence was sharded.
+            On a mesh: the layout's chunking over the ring axis, then a contiguous split
+            within the Ulysses group (see ``ctxpar.layouts``).
         causal: causal masking by *global* position.
         scale: softmax scale, default ``D ** -0.5``.
         window: ``(left, right)`` sliding window by global position, flash-attn
@@ -86,29 +136,86 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
         cu_seqlens: packed documents: the *original* global int32 boundaries
             ``[0, e1, ..., S]``; the shards must come from ``ctxpar.shard_packed`` (or
             ``ctxpar.pad_for_cp``). Attention never crosses a document, never sees padding.
+            On a mesh the packed order is that of the ring axis, split contiguously within
+            the Ulysses group (as for plain layouts).
         check_args: compare the arguments that must agree across ranks (one small
-            all-gather, see ``ctxpar.checks``); pass False to skip it for speed.
+            all-gather, see ``ctxpar.checks``; four tiny ones on a mesh); pass False to
+            skip it for speed.
 
     Returns:
         ``out`` ``[B, S_local, Hq, D]`` in q's dtype, or ``(out, lse)`` with ``lse``
         ``[B, Hq, S_local]`` in fp32 (fp64 for fp64 inputs). Differentiable in q, k, v.
+
+    Raises:
+        ValueError, on every rank and before any communication, for bad shapes, a length
+        the layout cannot split, heads that do not split over the Ulysses degree, a mesh
+        without ``ring``/``ulysses`` axes, or a method that does not fit the group.
     """
     cfg = AttentionConfig(method=method, layout=layout, causal=causal, window=window,
                           backend=backend)
     check_qkv(q, k, v)
-    grp: CPGroup = resolve_group(group)
+    topo = resolve_topology(group)  # no communication; a mesh without the axes raises here
     if check_args:
-        check_consistent_args(grp, q, k, causal=cfg.causal, window=cfg.window, layout=cfg.layout,
-                              method=cfg.method, cu_seqlens=cu_seqlens)
+        # Before any method-specific check: a rank whose arguments differ must fail in the
+        # agreement check together with its peers, not alone (which would hang them).
+        _check_consistent(topo, q, k, causal=cfg.causal, window=cfg.window, layout=cfg.layout,
+                          method=cfg.method, cu_seqlens=cu_seqlens)
+    hq, hkv = q.shape[2], k.shape[2]
+    method = choose_method(topo, hq, hkv) if cfg.method == "auto" else cfg.method
+    if method == "hybrid" and not topo.is_mesh:
+        raise ValueError(
+            "method='hybrid' needs a DeviceMesh with axes ('ring', 'ulysses') as group=, "
+            "e.g. ctxpar.cp_mesh(hierarchical_context_parallel_sizes=[a2a, p2p])")
+    if method != "hybrid" and topo.is_mesh:
+        raise ValueError(
+            f"method={method!r} takes a 1-D group (ProcessGroup or 1-D DeviceMesh); got a mesh "
+            f"with axes {topo.mesh_axes}. Use method='hybrid' (or 'auto') on this mesh, or "
+            f"pass a 1-D group")
     if cu_seqlens is None:
-        check_divisible(q.shape[1] * grp.size, cfg.layout, grp.size,
-                        what=f"global sequence length (local {q.shape[1]} x {grp.size} ranks)")
-    else:
-        ShardSpec.make(cfg.layout, grp.size, q.shape[1], cu_seqlens)  # validates the lengths
+        check_cp_divisible(q.shape[1] * topo.size, cfg.layout, topo,
+                           what=f"global sequence length (local {q.shape[1]} x {topo.size} ranks)")
+    else:  # validates the lengths; on a mesh the packing is that of the ring axis
+        ShardSpec.make(cfg.layout, topo.ring.size, q.shape[1] * topo.ulysses.size, cu_seqlens)
+    if method == "ulysses":
+        check_heads(hq, topo.size, method)
+    elif method == "hybrid":
+        check_heads(hq, topo.ulysses.size, method)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite; got {scale}")
-    out, lse = ring_attention(q, k, v, grp=grp, layout=cfg.layout, causal=cfg.causal,
-                              window=cfg.window, scale=scale, backend=cfg.backend,
-                              cu_seqlens=cu_seqlens)
+    common = dict(layout=cfg.layout, causal=cfg.causal, window=cfg.window, scale=scale,
+                  backend=cfg.backend, cu_seqlens=cu_seqlens)
+    if method == "ring":
+        out, lse = ring_attention(q, k, v, grp=topo.ring, **common)
+    elif method == "allgather":
+        out, lse = allgather_attention(q, k, v, grp=topo.ring, **common)
+    elif method == "ulysses":
+        out, lse = ulysses_attention(q, k, v, grp=topo.ring, return_lse=return_lse, **common)
+    else:
+        out, lse = hybrid_attention(q, k, v, topo=topo, return_lse=return_lse, **common)
     return (out, lse) if return_lse else out
+
+
+def _check_consistent(topo: CPTopology, q, k, **fields) -> None:
+    """``check_consistent_args`` over the whole CP group. On a mesh it runs in the Ulysses
+    and in the ring group, every rank taking part in both whatever it finds, and then a
+    one-element "someone failed" flag is OR-ed over the Ulysses and then the ring group,
+    which reaches every rank of the mesh: all raise together, none is left waiting."""
+    if not topo.is_mesh:
+        check_consistent_args(topo.ring, q, k, **fields)
+        return
+    error = None
+    for grp in (topo.ulysses, topo.ring):
+        try:
+            check_consistent_args(grp, q, k, **fields)
+        except ValueError as e:
+            error = error or e
+    flag = torch.tensor([int(error is not None)], dtype=torch.int64, device=q.device)
+    for grp in (topo.ulysses, topo.ring):
+        if grp.size > 1:
+            flag = comms.all_gather(grp, flag).amax(0)
+    if error is not None:
+        raise error
+    if int(flag.item()):
+        raise ValueError("ctxpar.attention arguments must agree across the CP mesh; another rank "
+                         "of the mesh found a mismatch (see its error for the field)")

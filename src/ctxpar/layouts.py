@@ -16,6 +16,22 @@ A rank's tokens are described by *segments* ``(start, length, stride)`` of globa
 in local order: contiguous is one segment of stride 1, zigzag two, striped one of stride N.
 Attention masks between two segments of equal stride depend only on ``i - j`` (see
 ``ctxpar.masks``), which is what lets one ring loop serve every layout.
+
+On a hierarchical CP mesh ``("ring", "ulysses")`` of shape ``(p2p, a2a)`` (see
+``ctxpar.cp_mesh``) the token order is: **the layout's chunking over the ring axis, then a
+contiguous split within the Ulysses group.** Ring rank r's share is the 1-D layout's
+shard of rank r on a group of p2p ranks, in its local order; Ulysses rank u of that ring
+group holds the u-th of a2a equal contiguous pieces of it. So rank (r, u) holds
+
+    local_positions(layout, r, p2p, S)[u * S/(p2p*a2a) : (u+1) * S/(p2p*a2a)]
+
+and after the Ulysses all-to-all (which concatenates the pieces in Ulysses-rank order)
+every member of the group holds ring rank r's full share in the ring layout's local order,
+which is what the ring over the ring axis expects. A ``[1, N]`` mesh gives the 1-D
+layout on N ranks; an ``[N, 1]`` mesh gives contiguous pieces whatever the layout (the
+Ulysses group sees the whole sequence, so the layout cannot unbalance it). The global
+length must be a multiple of the layout's granularity on p2p ranks, and ``S / p2p`` of
+a2a.
 """
 from __future__ import annotations
 
@@ -24,8 +40,10 @@ import dataclasses
 import torch
 
 from .comms import CPGroup, all_gather, resolve_group
+from .mesh import CPTopology, resolve_topology
 
-__all__ = ["LAYOUTS", "Segment", "shard", "unshard", "position_ids", "local_segments"]
+__all__ = ["LAYOUTS", "Segment", "shard", "unshard", "position_ids", "local_segments",
+           "cp_segments", "check_cp_divisible"]
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
@@ -97,15 +115,55 @@ def _take(x: torch.Tensor, segments: list[Segment], dim: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
+def check_cp_divisible(seq_len: int, layout: str, topo: CPTopology, *,
+                       what: str = "sequence length") -> None:
+    """``check_divisible`` for a CP topology: the layout's granularity on the ring axis,
+    then an even split of each ring share over the Ulysses group."""
+    check_divisible(seq_len, layout, topo.ring.size, what=what)
+    share, a2a = seq_len // topo.ring.size, topo.ulysses.size
+    if share % a2a:
+        raise ValueError(
+            f"{what} {seq_len} gives ring shares of {share} tokens ({topo.ring.size} ring "
+            f"ranks), which do not split evenly over the Ulysses degree {a2a}; choose a "
+            f"length that is a multiple of {granularity(layout, topo.ring.size) * a2a}")
+
+
+def cp_segments(layout: str, topo: CPTopology, seq_len: int, rank: tuple[int, int] | None = None
+                ) -> list[Segment]:
+    """Segments of CP rank ``rank = (ring_rank, ulysses_rank)`` (default: this process)
+    in local order: the ring rank's layout segments, cut to the Ulysses rank's piece."""
+    check_cp_divisible(seq_len, layout, topo)
+    r, u = (topo.ring.rank, topo.ulysses.rank) if rank is None else rank
+    segs = local_segments(layout, r, topo.ring.size, seq_len)
+    if topo.ulysses.size == 1:
+        return segs
+    n = seq_len // topo.size
+    lo, hi = u * n, (u + 1) * n
+    out, off = [], 0
+    for s in segs:
+        a, b = max(lo, off), min(hi, off + s.length)
+        if a < b:
+            out.append(Segment(s.start + (a - off) * s.stride, b - a, s.stride))
+        off += s.length
+    return out
+
+
+def _positions(segments: list[Segment], device=None) -> torch.Tensor:
+    parts = [torch.arange(s.start, s.start + s.length * s.stride, s.stride, device=device)
+             for s in segments]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def shard(x: torch.Tensor, *, group=None, layout: str = "zigzag", dim: int = 1) -> torch.Tensor:
     """Take this rank's shard of a full tensor that is identical on every rank.
 
     ``x``: ``[..., S, ...]`` with the sequence at ``dim``; returns ``[..., S/N, ...]`` in the
-    layout's local order. Differentiable (the backward scatters into zeros)."""
-    grp = resolve_group(group)
+    layout's local order. ``group`` may also be a hierarchical CP mesh (see the module
+    docstring for its token order). Differentiable (the backward scatters into zeros)."""
+    topo = resolve_topology(group)
+    check_layout(layout)
     dim = dim % x.dim()
-    check_divisible(x.shape[dim], layout, grp.size)
-    return _take(x, local_segments(layout, grp.rank, grp.size, x.shape[dim]), dim)
+    return _take(x, cp_segments(layout, topo, x.shape[dim]), dim)
 
 
 def global_order(layout: str, world: int, seq_len: int, device=None) -> torch.Tensor:
@@ -139,16 +197,24 @@ def unshard(x_local: torch.Tensor, *, group=None, layout: str = "zigzag", dim: i
     """All-gather local shards back into the global order: ``[..., S/N, ...]`` ->
     ``[..., S, ...]`` on every rank. Differentiable: the computation downstream is taken
     to be replicated on every rank, so the backward returns this rank's slice of the
-    gradient (not a sum over ranks)."""
-    grp = resolve_group(group)
+    gradient (not a sum over ranks).
+
+    On a hierarchical CP mesh the pieces are first gathered within the Ulysses group
+    (giving the ring rank's share in local order), then over the ring axis."""
+    topo = resolve_topology(group)
     check_layout(layout)
     dim = dim % x_local.dim()
-    if grp.size == 1:
+    if topo.ulysses.size > 1:
+        # The Ulysses pieces are contiguous cuts of the ring share: a "contiguous" gather.
+        x_local = _Unshard.apply(x_local, topo.ulysses, "contiguous", dim)
+    if topo.ring.size == 1:
         return x_local
-    return _Unshard.apply(x_local, grp, layout, dim)
+    return _Unshard.apply(x_local, topo.ring, layout, dim)
 
 
 def position_ids(seq_len: int, *, group=None, layout: str = "zigzag", device=None) -> torch.Tensor:
-    """Global positions (int64 ``[seq_len // N]``) of this rank's tokens, e.g. for RoPE."""
-    grp = resolve_group(group)
-    return local_positions(layout, grp.rank, grp.size, seq_len, device)
+    """Global positions (int64 ``[seq_len // N]``) of this rank's tokens, e.g. for RoPE.
+    ``group`` may be a hierarchical CP mesh."""
+    topo = resolve_topology(group)
+    check_layout(layout)
+    return _positions(cp_segments(layout, topo, seq_len), device)
