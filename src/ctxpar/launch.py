@@ -47,6 +47,8 @@ def _worker(rank, world, store_path, backend, threads, tasks, results, sys_path,
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     store = dist.FileStore(store_path, world)
     dist.init_process_group(
         backend, store=store, rank=rank, world_size=world,
@@ -177,7 +179,8 @@ def run_job(fn: Callable[..., Any], *args, nproc: int = 2, device: str = "cpu",
 
     Under torchrun this process is one rank: the process group is initialised from the
     environment (NCCL for CUDA, gloo otherwise), ``fn`` runs here, and the list holds only
-    this rank's result. Otherwise ``nproc`` local gloo processes are spawned. A rank
+    this rank's result. Otherwise ``nproc`` local processes are spawned (NCCL, one GPU
+    each, for ``device="cuda"``; gloo otherwise). A rank
     failure raises :class:`RankError` carrying its traceback; Ctrl-C kills every rank."""
     if under_torchrun():
         import torch
@@ -189,7 +192,7 @@ def run_job(fn: Callable[..., Any], *args, nproc: int = 2, device: str = "cpu",
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             dist.init_process_group(backend)
         return [fn(*args, **kwargs)]
-    pool = RankPool(nproc, threads=threads)
+    pool = RankPool(nproc, threads=threads, backend="nccl" if device == "cuda" else "gloo")
     try:
         return pool.run(fn, *args, timeout=timeout, **kwargs)
     except BaseException:

@@ -23,18 +23,25 @@ class Case:
     causal: bool
     dtype: str
     window: tuple[int, int] = (-1, -1)
+    packed: bool = False
 
     @property
     def name(self) -> str:
         mask = "causal" if self.causal else "full"
         if self.window != (-1, -1):
             mask += f" window={self.window}"
+        if self.packed:
+            mask += " packed docs"
         return f"{self.method:10s} {self.layout:10s} {mask:22s} {self.dtype}"
 
 
 def build_cases(methods, layouts, dtypes) -> list[Case]:
     cases = [Case(m, lay, c, dt) for m, lay, c, dt in itertools.product(methods, layouts, (False, True), dtypes)]
     cases += [Case(m, lay, True, "float64", (5, 0)) for m, lay in itertools.product(methods, layouts)]
+    # Packed documents (shard_packed takes a 1-D group, so not for hybrid meshes).
+    cases += [Case(m, lay, c, "float64", packed=True)
+              for m, lay, c in itertools.product([m for m in methods if m != "hybrid"], layouts,
+                                                 (False, True))]
     return cases
 
 
@@ -55,8 +62,16 @@ def _check_case(case: Case, device: str, seq_len: int, group) -> float:
     b, hq, hkv, d = 2, 8, 2, 40
     full = [torch.randn(b, seq_len, h, d, generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv, hq)]
     ref_in = [t.clone().requires_grad_() for t in full[:3]]
-    ro, rl = attention_reference(*ref_in, causal=case.causal, window=case.window)
+    cu = None
+    if case.packed:  # documents of 1 token, 7 tokens, a third of the rest, and the remainder
+        third = (seq_len - 8) // 3
+        cu = torch.tensor([0, 1, 8, 8 + third, seq_len - 3], dtype=torch.int32)
+        full = [t[:, : seq_len - 3] for t in full]
+        ref_in = [t.clone().requires_grad_() for t in full[:3]]
+    ro, rl = attention_reference(*ref_in, causal=case.causal, window=case.window, cu_seqlens=cu)
     (ro * full[3]).sum().backward()
+    if case.packed:
+        return _check_packed(case, device, dtype, full, ref_in, ro, rl, cu)
 
     def shard(t, dim=1):
         return ctxpar.shard(t, group=group, layout=case.layout, dim=dim)
@@ -67,6 +82,22 @@ def _check_case(case: Case, device: str, seq_len: int, group) -> float:
     out.backward(shard(full[3]).to(device=device, dtype=dtype))
     pairs = [(out, ro), (lse, rl)] + [(t.grad, r.grad) for t, r in zip(local, ref_in)]
     return max(_rel(x.cpu(), shard(r.detach(), 2 if x is lse else 1)) for x, r in pairs)
+
+
+def _check_packed(case: Case, device, dtype, full, ref_in, ro, rl, cu) -> float:
+    import ctxpar
+
+    shards = [ctxpar.shard_packed(t, cu, layout=case.layout) for t in full]
+    local = [sh.tokens.to(device=device, dtype=dtype).requires_grad_() for sh in shards[:3]]
+    out, lse = ctxpar.attention(*local, method=case.method, layout=case.layout, causal=case.causal,
+                                cu_seqlens=cu, return_lse=True)
+    out.backward(shards[3].tokens.to(device=device, dtype=dtype))
+
+    def back(x, dim=1):
+        return ctxpar.unshard_packed(x.detach().cpu(), cu, layout=case.layout, dim=dim)
+
+    pairs = [(back(out), ro), (back(lse, 2), rl)] + [(back(t.grad), r.grad) for t, r in zip(local, ref_in)]
+    return max(_rel(x, r.detach()) for x, r in pairs)
 
 
 def verify_rank(cases: list[Case], device: str, seq_len: int) -> list[float | str]:
