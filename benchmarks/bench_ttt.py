@@ -18,7 +18,9 @@ from torch import nn
 
 import ctxpar
 from ctxpar.launch import RankPool
+from ctxpar.memory import saved_tensor_bytes
 from ctxpar.ttt import InPlaceTTTMLP
+from ctxpar.ttt_reference import all_chunk_weights_forward
 
 
 class _GatedMLP(nn.Module):
@@ -83,40 +85,18 @@ def _time_rank(seq, d, ff, chunk, layout, repeats, warmup, overlap=True, pin=Tru
     return times, nbytes
 
 
-def _saved_bytes(fn):
-    seen, total = set(), [0]
-
-    def pack(t):
-        storage = t.untyped_storage()  # views of one tensor are one allocation
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total[0] += storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total[0]
 
 
-def _naive(layer, x, chunk):
-    """Per-chunk weight matrices W_(i) materialised and kept by autograd."""
-    z = layer.activations(x)
-    v = layer.targets(x)
-    w, outs = layer.down_proj.weight, []
-    for s in range(0, x.shape[1], chunk):
-        outs.append(z[:, s:s + chunk] @ w.transpose(0, 1))
-        w = w + layer.ttt_eta * (v[0, s:s + chunk].T @ z[0, s:s + chunk])
-    return torch.cat(outs, 1)
 
 
 def _memory(seq, d, ff, chunk):
     torch.set_num_threads(1)
     layer = _layer(d, ff, chunk, "contiguous")
     x = torch.randn(1, seq, d, requires_grad=True)
-    ours = _saved_bytes(lambda: layer(x))
-    naive = _saved_bytes(lambda: _naive(layer, x, chunk))
+    ours = saved_tensor_bytes(lambda: layer(x))
+    naive = saved_tensor_bytes(lambda: all_chunk_weights_forward(layer, x, chunk))
     # The activations any implementation keeps: the plain MLP plus the target path.
-    plain = _saved_bytes(lambda: (layer.down_proj(layer.activations(x)), layer.targets(x)))
+    plain = saved_tensor_bytes(lambda: (layer.down_proj(layer.activations(x)), layer.targets(x)))
     return {"seq": seq, "chunks": seq // chunk, "ours_bytes": ours, "naive_bytes": naive,
             "activations_bytes": plain, "ours_beyond_activations": ours - plain,
             "naive_beyond_activations": naive - plain, "weight_bytes": d * ff * 4}

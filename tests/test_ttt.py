@@ -10,7 +10,8 @@ from torch import nn
 import ctxpar
 from ctxpar.launch import RankError
 from ctxpar.ttt import InPlaceTTTMLP, TTTConfig
-from ctxpar.ttt_reference import ttt_reference
+from ctxpar.memory import saved_tensor_bytes
+from ctxpar.ttt_reference import all_chunk_weights_forward, ttt_reference
 
 WORLDS = [1, 2, 3, 4]
 D, FF, B, S, C = 8, 16, 2, 96, 4
@@ -175,30 +176,8 @@ def test_equals_wrapped_mlp_at_init():
         assert torch.count_nonzero(layer.ttt_conv) == 0
 
 
-def _saved_bytes(fn):
-    seen, total = set(), [0]
-
-    def pack(t):
-        storage = t.untyped_storage()  # views of one tensor are one allocation
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total[0] += storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total[0]
 
 
-def _naive_forward(layer, x, chunk):
-    """The all-chunk-weights form: materialises W_(i) for every chunk (autograd keeps them)."""
-    z = layer.activations(x)
-    v = layer.targets(x)
-    w, outs = layer.down_proj.weight, []
-    for s in range(0, x.shape[1], chunk):
-        outs.append(z[:, s:s + chunk] @ w.transpose(0, 1))
-        w = w + layer.ttt_eta * (v[0, s:s + chunk].T @ z[0, s:s + chunk])
-    return torch.cat(outs, 1)
 
 
 def test_saved_tensors_do_not_grow_with_chunks():
@@ -207,12 +186,12 @@ def test_saved_tensors_do_not_grow_with_chunks():
     ours, naive = {}, {}
     for chunk in (4, 8, 16, 32):
         layer = _layer(torch.float32, chunk_size=chunk)
-        ours[chunk] = _saved_bytes(lambda: layer(x))
-        naive[chunk] = _saved_bytes(lambda: _naive_forward(layer, x, chunk))
+        ours[chunk] = saved_tensor_bytes(lambda: layer(x))
+        naive[chunk] = saved_tensor_bytes(lambda: all_chunk_weights_forward(layer, x, chunk))
     assert len(set(ours.values())) == 1, ours  # 2 to 16 chunks: identical saved bytes
     assert naive[4] - naive[32] >= (16 - 2) * D * FF * 4 // 2, naive  # the probe sees growth
     # Clipping saves nothing per chunk either (the factors are recomputed with ΔW).
-    clipped = {ck: _saved_bytes(lambda: _layer(torch.float32, chunk_size=ck, clip_tau=0.5)(x)) for ck in (4, 32)}
+    clipped = {ck: saved_tensor_bytes(lambda: _layer(torch.float32, chunk_size=ck, clip_tau=0.5)(x)) for ck in (4, 32)}
     assert clipped[4] == clipped[32] == ours[4]
 
 

@@ -67,3 +67,17 @@ def ttt_reference(x, *, w_gate, w_up, w_down, conv_weight, w_target, eta, chunk_
             pending = pending + torch.outer(v, z)  # update, used from the next chunk on
         outs.append(torch.stack(rows))
     return torch.stack(outs)
+
+
+def all_chunk_weights_forward(layer, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The naive form of an :class:`~ctxpar.ttt.InPlaceTTTMLP` forward (batch 1, no conv
+    halo, no resets): it materialises every chunk's weight W_(i) ``[D, F]``, which autograd
+    then keeps, O(K·|W|) for K chunks. The memory baseline the fast Function avoids."""
+    z = layer.activations(x)
+    v = layer.targets(x)
+    w, outs = layer.down_proj.weight, []
+    for s in range(0, x.shape[1], chunk):
+        outs.append(z[:, s:s + chunk] @ w.transpose(0, 1))
+        w = w + layer.ttt_eta * (v[0, s:s + chunk].T @ z[0, s:s + chunk])
+    return torch.cat(outs, 1)
+
