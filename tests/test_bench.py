@@ -2,7 +2,6 @@
 byte theory against the counters for every method on small shapes, and the saved-tensor
 memory helper."""
 import json
-import os
 import subprocess
 import sys
 

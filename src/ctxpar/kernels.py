@@ -22,8 +22,6 @@ Backends (``backend="auto"`` picks the first that applies):
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import kernels_cuda

@@ -39,7 +39,7 @@ import dataclasses
 
 import torch
 
-from .comms import CPGroup, all_gather, resolve_group
+from .comms import CPGroup, all_gather
 from .mesh import CPTopology, resolve_topology
 
 __all__ = ["LAYOUTS", "Segment", "shard", "unshard", "position_ids", "local_segments",

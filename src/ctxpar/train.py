@@ -253,9 +253,7 @@ def train_worker(cfg: TrainConfig):
     """Runs on every rank; returns the metrics dict on rank 0 and None elsewhere."""
 
     import torch
-    import torch.distributed as dist
 
-    import ctxpar
     from . import train_task as tt
     from .comms import CPGroup, all_gather, resolve_group
     from .integrations.transformers import register, shard_batch
