@@ -195,14 +195,13 @@ def test_mesh_argument_mismatch_raises_everywhere(run_ranks):
 
 
 def _hybrid_packed(sizes, layout):
-    """Packed documents on a mesh: the ring axis's packed order (shard_packed over the
-    ring group), split contiguously within the Ulysses group."""
+    """Packed documents on a mesh, sharded through the public API: the ring axis's packed
+    order (documents padded so each ring share splits evenly), split contiguously within
+    the Ulysses group."""
     from ctxpar.references import attention_reference
     from _cases import rel_err
 
     mesh = cp_mesh(hierarchical_context_parallel_sizes=sizes)
-    ring, uly = mesh["ring"], mesh["ulysses"]
-    u, a2a = mesh.get_local_rank("ulysses"), sizes[0]
     cu = torch.tensor([0, 9, 10, 31, 44], dtype=torch.int32)
     q, k, v, dout = make_qkv(5, 1, 44, 8, 2, 16, torch.float64)
     ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -210,13 +209,10 @@ def _hybrid_packed(sizes, layout):
     (ro * dout).sum().backward()
 
     def shard(t):
-        share = ctxpar.shard_packed(t, cu, group=ring, layout=layout).tokens
-        n = share.shape[1] // a2a
-        return share[:, u * n:(u + 1) * n]
+        return ctxpar.shard_packed(t, cu, group=mesh, layout=layout).tokens
 
     def back(t):
-        share = ctxpar.unshard(t, group=uly, layout="contiguous")
-        return ctxpar.unshard_packed(share, cu, group=ring, layout=layout)
+        return ctxpar.unshard_packed(t, cu, group=mesh, layout=layout)
 
     loc = [shard(t).clone().requires_grad_() for t in (q, k, v)]
     out = ctxpar.attention(*loc, group=mesh, method="hybrid", layout=layout, causal=True,

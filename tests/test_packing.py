@@ -14,7 +14,7 @@ from _cases import rel_err
 METHODS = [m for m in ctxpar.METHODS if m not in ("auto", "hybrid")]
 
 
-def _packed_errors(doc_lens, layout, causal, window, method, dtype_name="float64"):
+def _packed_errors(doc_lens, layout, causal, window, method, dtype_name="float64", hcp=None):
     """On every rank: shard a packed batch, run attention, compare the real tokens with the
     reference (and check padding rows are zero and finite). Returns errors by name."""
     dtype = getattr(torch, dtype_name)
@@ -25,10 +25,11 @@ def _packed_errors(doc_lens, layout, causal, window, method, dtype_name="float64
     ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
     ro, rl = attention_reference(*ref_in, causal=causal, window=window, cu_seqlens=cu)
     (ro * dout).sum().backward()
-    shards = [shard_packed(t, cu, layout=layout) for t in (q, k, v, dout)]
+    group = None if hcp is None else ctxpar.cp_mesh(hierarchical_context_parallel_sizes=hcp)
+    shards = [shard_packed(t, cu, layout=layout, group=group) for t in (q, k, v, dout)]
     local = [sh.tokens.to(dtype).requires_grad_() for sh in shards[:3]]
     out, lse = ctxpar.attention(*local, layout=layout, causal=causal, window=window, cu_seqlens=cu,
-                                return_lse=True, method=method)
+                                return_lse=True, method=method, group=group)
     out.backward(shards[3].tokens.to(dtype))
     pad = shards[0].pad_mask
     finite = all(torch.isfinite(t).all() for t in (out, local[0].grad, local[1].grad, local[2].grad))
@@ -36,8 +37,8 @@ def _packed_errors(doc_lens, layout, causal, window, method, dtype_name="float64
             "pad_out": out[:, pad].abs().max().item() if pad.any() else 0.0}
     gathered = {"out": out, "dq": local[0].grad, "dk": local[1].grad, "dv": local[2].grad}
     for (name, x), r in zip(gathered.items(), [ro, *[t.grad for t in ref_in]]):
-        errs[name] = rel_err(unshard_packed(x.detach(), cu, layout=layout), r.detach())
-    errs["lse"] = rel_err(unshard_packed(lse, cu, layout=layout, dim=2), rl)
+        errs[name] = rel_err(unshard_packed(x.detach(), cu, layout=layout, group=group), r.detach())
+    errs["lse"] = rel_err(unshard_packed(lse, cu, layout=layout, dim=2, group=group), rl)
     return errs
 
 
@@ -52,6 +53,16 @@ def test_packed_documents_match_reference(rank_pools, doc_lens, layout, causal, 
                                                           window, method)):
         bad = {k: e for k, e in errs.items() if not e <= 1e-10}
         assert not bad, f"rank {rank}: {bad}"
+
+
+@pytest.mark.parametrize("hcp", [[2, 2], [4, 1], [1, 4]], ids=str)
+@pytest.mark.parametrize("layout", ctxpar.LAYOUTS)
+def test_packed_documents_on_hybrid_meshes(run_ranks, layout, hcp):
+    for causal, window in ((True, (-1, -1)), (False, (-1, -1)), (True, (4, 0))):
+        for errs in run_ranks(4, _packed_errors, [1, 9, 14, 3], layout, causal, window, "hybrid",
+                              "float64", hcp):
+            bad = {k: e for k, e in errs.items() if not e <= 1e-10}
+            assert not bad, (causal, window, bad)
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])

@@ -175,7 +175,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
         check_cp_divisible(q.shape[1] * topo.size, cfg.layout, topo,
                            what=f"global sequence length (local {q.shape[1]} x {topo.size} ranks)")
     else:  # validates the lengths; on a mesh the packing is that of the ring axis
-        ShardSpec.make(cfg.layout, topo.ring.size, q.shape[1] * topo.ulysses.size, cu_seqlens)
+        ShardSpec.make(cfg.layout, topo.ring.size, q.shape[1] * topo.ulysses.size, cu_seqlens,
+                       topo.ulysses.size)
     if method == "ulysses":
         check_heads(hq, topo.size, method)
     elif method == "hybrid":

@@ -17,7 +17,8 @@ dq/dk/dv all-to-alls. K/V heads are replicated for GQA as in Ulysses, with the d
 Communication per call: Ulysses' counts and bytes with N = a2a, plus the ring's with
 N = p2p on tensors of ``S/p2p`` tokens and ``Hkv'/a2a`` K/V heads.
 
-Packed documents (``cu_seqlens``) are the ring's: its packed order over the ring axis,
+Packed documents (``cu_seqlens``) are the ring's: its packed order over the ring axis
+(documents padded so that each ring rank's share splits evenly, ``ctxpar.shard_packed``),
 split contiguously within the Ulysses group like any layout.
 
 ``[N, 1]`` (p2p = 1) is Ulysses on contiguous pieces followed by a one-rank "ring" (one
@@ -43,5 +44,5 @@ def hybrid_attention(q, k, v, *, topo: CPTopology, layout: str, causal: bool, wi
     kh = seq_to_head(k, uly, rep=rep)
     vh = seq_to_head(v, uly, rep=rep)
     oh, lh = ring_attention(qh, kh, vh, grp=ring, layout=layout, causal=causal, window=window,
-                            scale=scale, backend=backend, cu_seqlens=cu_seqlens)
+                            scale=scale, backend=backend, cu_seqlens=cu_seqlens, unit=uly.size)
     return head_to_seq(oh, lh if return_lse else None, uly)

@@ -25,6 +25,7 @@ import torch
 
 from .comms import resolve_group
 from .layouts import check_divisible, check_layout, granularity, local_segments
+from .mesh import CPTopology, resolve_topology
 
 __all__ = ["DocSegment", "ShardSpec", "PackedShard", "shard_packed", "unshard_packed", "pad_for_cp"]
 
@@ -57,35 +58,40 @@ class ShardSpec:
     """The token order of one CP group: layout, world, and optionally packed documents.
 
     ``docs`` is the original ``cu_seqlens`` as a tuple (None: one unpadded sequence of
-    ``seq_len`` tokens). ``seq_len`` is the padded global length."""
+    ``seq_len`` tokens). ``seq_len`` is the padded global length. ``unit`` is the Ulysses
+    degree on a hierarchical mesh (1 otherwise): padding then also makes every ring rank's
+    share split evenly within its Ulysses group."""
 
     layout: str
     world: int
     seq_len: int
     docs: tuple[int, ...] | None = None
+    unit: int = 1
 
     def __post_init__(self) -> None:
         check_layout(self.layout)
         if self.docs is None:
             check_divisible(self.seq_len, self.layout, self.world)
-        elif self.seq_len != padded_length(self.docs, self.layout, self.world):
+        elif self.seq_len != padded_length(self.docs, self.layout, self.world, self.unit):
             raise ValueError(
                 f"cu_seqlens ending at {self.docs[-1]} pads to "
-                f"{padded_length(self.docs, self.layout, self.world)} tokens under "
-                f"layout={self.layout!r} on {self.world} ranks, but the shards hold "
+                f"{padded_length(self.docs, self.layout, self.world, self.unit)} tokens under "
+                f"layout={self.layout!r} on {self.world * self.unit} ranks, but the shards hold "
                 f"{self.seq_len} tokens in all; shard with ctxpar.shard_packed(...)")
 
     @classmethod
-    def make(cls, layout: str, world: int, local_len: int, cu_seqlens=None) -> "ShardSpec":
+    def make(cls, layout: str, world: int, local_len: int, cu_seqlens=None,
+             unit: int = 1) -> "ShardSpec":
         docs = None if cu_seqlens is None else _cu_tuple(cu_seqlens)
-        return cls(layout, world, local_len * world, docs)
+        return cls(layout, world, local_len * world, docs, unit)
 
     @functools.lru_cache(maxsize=64)
     def segments(self, rank: int) -> tuple:
         """This rank's tokens as segments in local order."""
         if self.docs is None:
             return tuple(local_segments(self.layout, rank, self.world, self.seq_len))
-        return tuple(_packed_segments(self.docs, self.layout, self.world, rank, self.seq_len))
+        return tuple(_packed_segments(self.docs, self.layout, self.world, rank, self.seq_len,
+                                      self.unit))
 
     def positions(self, rank: int, device=None) -> torch.Tensor:
         """Global positions (in the padded sequence) of the rank's tokens, int64."""
@@ -98,20 +104,20 @@ class ShardSpec:
                           for s in self.segments(rank)])
 
 
-def padded_length(docs: tuple[int, ...], layout: str, world: int) -> int:
+def padded_length(docs: tuple[int, ...], layout: str, world: int, unit: int = 1) -> int:
     if layout == "zigzag":
-        return sum(_round_up(b - a, 2 * world) for a, b in zip(docs, docs[1:]))
-    return _round_up(docs[-1], world)
+        return sum(_round_up(b - a, 2 * world * unit) for a, b in zip(docs, docs[1:]))
+    return _round_up(docs[-1], world * unit)
 
 
-def _doc_starts(docs: tuple[int, ...], layout: str, world: int) -> list[int]:
+def _doc_starts(docs: tuple[int, ...], layout: str, world: int, unit: int = 1) -> list[int]:
     """Start of every document in the padded sequence."""
     if layout != "zigzag":
         return list(docs[:-1])
     starts, pos = [], 0
     for a, b in zip(docs, docs[1:]):
         starts.append(pos)
-        pos += _round_up(b - a, 2 * world)
+        pos += _round_up(b - a, 2 * world * unit)
     return starts
 
 
@@ -135,8 +141,8 @@ def _split(seg_start: int, seg_len: int, stride: int, bounds: list[tuple[int, in
     return out
 
 
-def _packed_segments(docs, layout, world, rank, seq_len):
-    starts = _doc_starts(docs, layout, world)
+def _packed_segments(docs, layout, world, rank, seq_len, unit=1):
+    starts = _doc_starts(docs, layout, world, unit)
     bounds = [(s, s + (b - a), d + 1) for d, (s, a, b) in enumerate(zip(starts, docs, docs[1:]))]
     # Documents are numbered from 1 so that 0 (plain, unpacked) and -1 (padding) stay distinct.
     if layout != "zigzag":
@@ -146,7 +152,7 @@ def _packed_segments(docs, layout, world, rank, seq_len):
         return segs
     segs = []
     for (start, a, b), bound in zip(zip(starts, docs, docs[1:]), bounds):
-        c = _round_up(b - a, 2 * world) // (2 * world)
+        c = _round_up(b - a, 2 * world * unit) // (2 * world)
         for chunk in (rank, 2 * world - 1 - rank):
             segs += _split(start + chunk * c, c, 1, [bound])
     return segs
@@ -174,36 +180,59 @@ class PackedShard:
     cu_seqlens: torch.Tensor
 
 
+def _rank_tokens(spec: ShardSpec, docs, starts, ring_rank: int, pieces: int, piece: int):
+    """For CP rank (ring_rank, piece): the original index of every local token (-1 for
+    padding), its position within its document, and the lengths of its runs."""
+    src, within, runs = [], [], []
+    for s in spec.segments(ring_rank):
+        pos = torch.arange(s.start, s.start + s.length * s.stride, s.stride)
+        if s.doc < 0:
+            src.append(torch.full_like(pos, -1))
+            within.append(pos)
+        else:
+            src.append(pos - starts[s.doc - 1] + docs[s.doc - 1])
+            within.append(pos - starts[s.doc - 1])
+        runs.append(s.length)
+    src, within = torch.cat(src), torch.cat(within)
+    if pieces > 1:  # the ring rank's share, split contiguously within its Ulysses group
+        m = src.numel() // pieces
+        lo, hi = piece * m, (piece + 1) * m
+        bounds = torch.tensor([0] + runs).cumsum(0)
+        runs = [int(min(b, hi) - max(a, lo)) for a, b in zip(bounds[:-1], bounds[1:])
+                if min(b, hi) > max(a, lo)]
+        src, within = src[lo:hi], within[lo:hi]
+    return src, within, runs
+
+
+def _packed_spec(docs, layout: str, topo: CPTopology) -> tuple[ShardSpec, list[int]]:
+    p2p, a2a = topo.ring.size, topo.ulysses.size
+    spec = ShardSpec(layout, p2p, padded_length(docs, layout, p2p, a2a), docs, a2a)
+    return spec, _doc_starts(docs, layout, p2p, a2a)
+
+
 def shard_packed(x: torch.Tensor, cu_seqlens, *, group=None, layout: str = "zigzag", dim: int = 1,
                  value=0) -> PackedShard:
     """Shard a packed batch ``x`` (``[..., S, ...]``, documents given by ``cu_seqlens``,
-    identical on every rank) with per-document load balancing; see the module docstring."""
-    grp = resolve_group(group)
+    identical on every rank) with per-document load balancing; see the module docstring.
+    ``group`` may be a hierarchical mesh (``ctxpar.cp_mesh``): the packed order is then that
+    of the ring axis (documents padded so that it splits evenly), cut contiguously within
+    each Ulysses group."""
+    topo = resolve_topology(group)
     check_layout(layout)
     dim = dim % x.dim()
     docs = _cu_tuple(cu_seqlens)
     if docs[-1] != x.shape[dim]:
         raise ValueError(f"cu_seqlens ends at {docs[-1]} but x has {x.shape[dim]} tokens at dim {dim}")
-    spec = ShardSpec(layout, grp.size, padded_length(docs, layout, grp.size), docs)
-    segs = spec.segments(grp.rank)
-    starts = _doc_starts(docs, layout, grp.size)
-    # Map padded positions back to original token indices (pads -> an extra 'value' row).
-    src = []
-    for s in segs:
-        pos = torch.arange(s.start, s.start + s.length * s.stride, s.stride)
-        if s.doc < 0:
-            src.append(torch.full_like(pos, -1))
-        else:
-            src.append(pos - starts[s.doc - 1] + docs[s.doc - 1])
-    src = torch.cat(src).to(x.device)
+    spec, starts = _packed_spec(docs, layout, topo)
+    src, within, runs = _rank_tokens(spec, docs, starts, topo.ring.rank, topo.ulysses.size,
+                                     topo.ulysses.rank)
+    src = src.to(x.device)
     pad = src < 0
+    # Pads read an extra row filled with `value`.
     fill = torch.full_like(x.narrow(dim, 0, 1), value)
     tokens = torch.cat([x, fill], dim).index_select(dim, torch.where(pad, x.shape[dim], src))
-    within = torch.cat([torch.arange(s.start, s.start + s.length * s.stride, s.stride)
-                        - (starts[s.doc - 1] if s.doc > 0 else 0) for s in segs])
-    lengths = torch.tensor([s.length for s in segs])
-    local_cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(torch.int32)
-    return PackedShard(tokens, within.to(x.device), pad.to(x.device), local_cu.to(x.device),
+    local_cu = torch.tensor([0] + runs).cumsum(0).to(torch.int32)
+    return PackedShard(tokens, within.to(x.device), pad, local_cu.to(x.device),
                        torch.tensor(docs, dtype=torch.int32, device=x.device))
 
 
@@ -213,19 +242,19 @@ def unshard_packed(x_local: torch.Tensor, cu_seqlens, *, group=None, layout: str
     order with padding dropped, ``[..., cu_seqlens[-1], ...]`` on every rank."""
     from .layouts import unshard  # the differentiable gather
 
-    grp = resolve_group(group)
+    topo = resolve_topology(group)
     dim = dim % x_local.dim()
     docs = _cu_tuple(cu_seqlens)
-    spec = ShardSpec.make(layout, grp.size, x_local.shape[dim], docs)
-    # Gather in rank order; the plain-layout unshard of a contiguous layout is rank order.
-    gathered = unshard(x_local, group=grp, layout="contiguous", dim=dim) if grp.size > 1 else x_local
-    pos = torch.cat([spec.positions(r) for r in range(grp.size)])
-    doc = torch.cat([spec.doc_ids(r) for r in range(grp.size)])
-    starts = _doc_starts(docs, layout, grp.size)
-    keep = doc >= 0
-    orig = pos[keep] - torch.tensor(starts)[doc[keep] - 1] + torch.tensor(docs[:-1])[doc[keep] - 1]
-    order = torch.argsort(orig)
-    idx = torch.nonzero(keep).squeeze(1)[order]
+    spec, starts = _packed_spec(docs, layout, topo)
+    if spec.seq_len != x_local.shape[dim] * topo.size:
+        raise ValueError(f"{x_local.shape[dim]} local tokens x {topo.size} ranks do not match "
+                         f"the {spec.seq_len} padded tokens of these cu_seqlens")
+    # Contiguous unsharding concatenates the shards in CP rank order (ring-major).
+    gathered = unshard(x_local, group=group, layout="contiguous", dim=dim) if topo.size > 1 else x_local
+    src = torch.cat([_rank_tokens(spec, docs, starts, r, topo.ulysses.size, u)[0]
+                     for r in range(topo.ring.size) for u in range(topo.ulysses.size)])
+    keep = torch.nonzero(src >= 0).squeeze(1)
+    idx = keep[torch.argsort(src[keep])]
     return gathered.index_select(dim, idx.to(x_local.device))
 
 

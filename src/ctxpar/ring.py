@@ -143,9 +143,9 @@ class _RingAttention(torch.autograd.Function):
 
 
 def ring_attention(q, k, v, *, grp: CPGroup, layout: str, causal: bool, window, scale: float,
-                   backend: str, cu_seqlens=None):
+                   backend: str, cu_seqlens=None, unit: int = 1):
     """Ring attention over a resolved group; see ``ctxpar.attention`` for the contract.
-    ``cu_seqlens``: original global document boundaries (see ``ctxpar.packing``).
-    Returns ``(out, lse)``."""
-    spec = ShardSpec.make(layout, grp.size, q.shape[1], cu_seqlens)
+    ``cu_seqlens``: original global document boundaries, ``unit`` the Ulysses degree when
+    this ring runs inside hybrid CP (see ``ctxpar.packing``). Returns ``(out, lse)``."""
+    spec = ShardSpec.make(layout, grp.size, q.shape[1], cu_seqlens, unit)
     return _RingAttention.apply(q, k, v, grp, spec, causal, tuple(window), scale, backend)

@@ -38,10 +38,8 @@ class Case:
 def build_cases(methods, layouts, dtypes) -> list[Case]:
     cases = [Case(m, lay, c, dt) for m, lay, c, dt in itertools.product(methods, layouts, (False, True), dtypes)]
     cases += [Case(m, lay, True, "float64", (5, 0)) for m, lay in itertools.product(methods, layouts)]
-    # Packed documents (shard_packed takes a 1-D group, so not for hybrid meshes).
     cases += [Case(m, lay, c, "float64", packed=True)
-              for m, lay, c in itertools.product([m for m in methods if m != "hybrid"], layouts,
-                                                 (False, True))]
+              for m, lay, c in itertools.product(methods, layouts, (False, True))]
     return cases
 
 
@@ -71,7 +69,7 @@ def _check_case(case: Case, device: str, seq_len: int, group) -> float:
     ro, rl = attention_reference(*ref_in, causal=case.causal, window=case.window, cu_seqlens=cu)
     (ro * full[3]).sum().backward()
     if case.packed:
-        return _check_packed(case, device, dtype, full, ref_in, ro, rl, cu)
+        return _check_packed(case, device, dtype, full, ref_in, ro, rl, cu, group)
 
     def shard(t, dim=1):
         return ctxpar.shard(t, group=group, layout=case.layout, dim=dim)
@@ -84,17 +82,17 @@ def _check_case(case: Case, device: str, seq_len: int, group) -> float:
     return max(_rel(x.cpu(), shard(r.detach(), 2 if x is lse else 1)) for x, r in pairs)
 
 
-def _check_packed(case: Case, device, dtype, full, ref_in, ro, rl, cu) -> float:
+def _check_packed(case: Case, device, dtype, full, ref_in, ro, rl, cu, group) -> float:
     import ctxpar
 
-    shards = [ctxpar.shard_packed(t, cu, layout=case.layout) for t in full]
+    shards = [ctxpar.shard_packed(t, cu, layout=case.layout, group=group) for t in full]
     local = [sh.tokens.to(device=device, dtype=dtype).requires_grad_() for sh in shards[:3]]
-    out, lse = ctxpar.attention(*local, method=case.method, layout=case.layout, causal=case.causal,
-                                cu_seqlens=cu, return_lse=True)
+    out, lse = ctxpar.attention(*local, group=group, method=case.method, layout=case.layout,
+                                causal=case.causal, cu_seqlens=cu, return_lse=True)
     out.backward(shards[3].tokens.to(device=device, dtype=dtype))
 
     def back(x, dim=1):
-        return ctxpar.unshard_packed(x.detach().cpu(), cu, layout=case.layout, dim=dim)
+        return ctxpar.unshard_packed(x.detach().cpu(), cu, layout=case.layout, dim=dim, group=group)
 
     pairs = [(back(out), ro), (back(lse, 2), rl)] + [(back(t.grad), r.grad) for t, r in zip(local, ref_in)]
     return max(_rel(x, r.detach()) for x, r in pairs)
