@@ -14,27 +14,18 @@ import statistics
 import time
 
 import torch
-from torch import nn
 
 import ctxpar
 from ctxpar.launch import RankPool
 from ctxpar.memory import saved_tensor_bytes
 from ctxpar.ttt import InPlaceTTTMLP
-from ctxpar.ttt_reference import all_chunk_weights_forward
+from ctxpar.ttt_reference import GatedMLP, all_chunk_weights_forward
 
-
-class _GatedMLP(nn.Module):
-    def __init__(self, d, ff):
-        super().__init__()
-        self.gate_proj = nn.Linear(d, ff, bias=False)
-        self.up_proj = nn.Linear(d, ff, bias=False)
-        self.down_proj = nn.Linear(ff, d, bias=False)
-        self.act_fn = nn.SiLU()
 
 
 def _layer(d, ff, chunk, layout, overlap=True):
     torch.manual_seed(0)
-    layer = InPlaceTTTMLP(_GatedMLP(d, ff), chunk_size=chunk, layout=layout, overlap=overlap)
+    layer = InPlaceTTTMLP(GatedMLP(d, ff), chunk_size=chunk, layout=layout, overlap=overlap)
     with torch.no_grad():  # away from init: the fast weights are live
         layer.ttt_conv.normal_(std=0.1)
     return layer

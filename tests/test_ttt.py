@@ -11,7 +11,7 @@ import ctxpar
 from ctxpar.launch import RankError
 from ctxpar.ttt import InPlaceTTTMLP, TTTConfig
 from ctxpar.memory import saved_tensor_bytes
-from ctxpar.ttt_reference import all_chunk_weights_forward, ttt_reference
+from ctxpar.ttt_reference import GatedMLP, all_chunk_weights_forward, ttt_reference
 
 WORLDS = [1, 2, 3, 4]
 D, FF, B, S, C = 8, 16, 2, 96, 4
@@ -19,17 +19,6 @@ TOL = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2}
 CU = (0, 10, 16, 45, 46, 80, 96)  # a start mid-chunk, chunk-aligned ones, two in one chunk
 PARAMS = ("gate_proj.weight", "up_proj.weight", "down_proj.weight", "ttt_conv", "ttt_target", "ttt_eta")
 
-
-class GatedMLP(nn.Module):
-    def __init__(self, d, ff):
-        super().__init__()
-        self.gate_proj = nn.Linear(d, ff, bias=False)
-        self.up_proj = nn.Linear(d, ff, bias=False)
-        self.down_proj = nn.Linear(ff, d, bias=False)
-        self.act_fn = nn.SiLU()
-
-    def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 def _layer(dtype, group=None, trained=True, **options):

@@ -81,3 +81,18 @@ def all_chunk_weights_forward(layer, x: torch.Tensor, chunk: int) -> torch.Tenso
         w = w + layer.ttt_eta * (v[0, s:s + chunk].T @ z[0, s:s + chunk])
     return torch.cat(outs, 1)
 
+
+class GatedMLP(torch.nn.Module):
+    """The plain gated MLP that :class:`~ctxpar.ttt.InPlaceTTTMLP` wraps (Llama/Qwen shape):
+    ``down_proj(act(gate_proj(x)) * up_proj(x))``, x ``[B, S, d]``."""
+
+    def __init__(self, d: int, ff: int) -> None:
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(d, ff, bias=False)
+        self.up_proj = torch.nn.Linear(d, ff, bias=False)
+        self.down_proj = torch.nn.Linear(ff, d, bias=False)
+        self.act_fn = torch.nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
