@@ -47,7 +47,6 @@ map to ctxpar's ``window=(sliding_window - 1, 0)``.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any, Callable
 
 import torch
@@ -58,13 +57,6 @@ __all__ = ["register", "make_attention_function", "shard_batch", "CPBatch",
            "DEFAULT_NAME"]
 
 DEFAULT_NAME = "ctxpar"
-
-
-def _attention_accepts(param: str) -> bool:
-    try:
-        return param in inspect.signature(ctxpar.attention).parameters
-    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        return False
 
 
 def _cp_size(group) -> int:
@@ -91,8 +83,6 @@ def make_attention_function(*, group=None, method: str = "ring", layout: str = "
     this rank's global ``position_ids`` (a missing ``position_ids=`` would silently give
     every shard positions ``0..S_local-1``, i.e. wrong RoPE). ``check_args`` is passed to
     ``ctxpar.attention`` (a tiny all-gather per call comparing arguments across ranks)."""
-    supports_cu = _attention_accepts("cu_seqlens")
-
     def ctxpar_attention_forward(module: torch.nn.Module, query: torch.Tensor,
                                  key: torch.Tensor, value: torch.Tensor,
                                  attention_mask: torch.Tensor | None,
@@ -116,10 +106,6 @@ def make_attention_function(*, group=None, method: str = "ring", layout: str = "
         extra = {}
         cu = kwargs.get("cu_seq_lens_q")
         if cu is not None:
-            if not supports_cu:
-                raise NotImplementedError(
-                    "packed documents (cu_seqlens) need ctxpar.attention(cu_seqlens=...), "
-                    "which this ctxpar version does not have")
             extra["cu_seqlens"] = cu
         elif check_positions and getattr(module, "layer_idx", 0) == 0:
             _check_position_ids(kwargs.get("position_ids"), query.shape[2], group, layout)
