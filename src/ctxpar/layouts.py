@@ -96,11 +96,7 @@ def local_segments(layout: str, rank: int, world: int, seq_len: int) -> list[Seg
 
 def local_positions(layout: str, rank: int, world: int, seq_len: int, device=None) -> torch.Tensor:
     """Global positions of the local tokens, int64 ``[seq_len // world]``."""
-    parts = [
-        torch.arange(s.start, s.start + s.length * s.stride, s.stride, device=device)
-        for s in local_segments(layout, rank, world, seq_len)
-    ]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    return segment_positions(local_segments(layout, rank, world, seq_len), device)
 
 
 def _take(x: torch.Tensor, segments: list[Segment], dim: int) -> torch.Tensor:
@@ -148,7 +144,8 @@ def cp_segments(layout: str, topo: CPTopology, seq_len: int, rank: tuple[int, in
     return out
 
 
-def _positions(segments: list[Segment], device=None) -> torch.Tensor:
+def segment_positions(segments, device=None) -> torch.Tensor:
+    """The global positions that ``segments`` cover, in order, int64."""
     parts = [torch.arange(s.start, s.start + s.length * s.stride, s.stride, device=device)
              for s in segments]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -217,4 +214,4 @@ def position_ids(seq_len: int, *, group=None, layout: str = "zigzag", device=Non
     ``group`` may be a hierarchical CP mesh."""
     topo = resolve_topology(group)
     check_layout(layout)
-    return _positions(cp_segments(layout, topo, seq_len), device)
+    return segment_positions(cp_segments(layout, topo, seq_len), device)

@@ -66,10 +66,6 @@ class Tile:
         return (self.q1 - self.q0) * (self.k1 - self.k0)
 
 
-def _floordiv(a: int, b: int) -> int:
-    return a // b
-
-
 def _ceildiv(a: int, b: int) -> int:
     return -((-a) // b)
 
@@ -89,7 +85,7 @@ def segment_band(qs: Segment, ks: Segment, causal: bool, window: tuple[int, int]
     d_hi = left if left >= 0 else None
     base = qs.start - ks.start
     lo = None if d_lo is None else _ceildiv(d_lo - base, st)
-    hi = None if d_hi is None else _floordiv(d_hi - base, st)
+    hi = None if d_hi is None else (d_hi - base) // st
     m_min, m_max = -(ks.length - 1), qs.length - 1
     if (lo is not None and lo > m_max) or (hi is not None and hi < m_min) or (
         lo is not None and hi is not None and lo > hi

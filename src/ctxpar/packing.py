@@ -24,7 +24,7 @@ import functools
 import torch
 
 from .comms import resolve_group
-from .layouts import check_divisible, check_layout, granularity, local_segments
+from .layouts import check_divisible, check_layout, granularity, local_segments, segment_positions
 from .mesh import CPTopology, resolve_topology
 
 __all__ = ["DocSegment", "ShardSpec", "PackedShard", "shard_packed", "unshard_packed", "pad_for_cp"]
@@ -95,9 +95,7 @@ class ShardSpec:
 
     def positions(self, rank: int, device=None) -> torch.Tensor:
         """Global positions (in the padded sequence) of the rank's tokens, int64."""
-        parts = [torch.arange(s.start, s.start + s.length * s.stride, s.stride, device=device)
-                 for s in self.segments(rank)]
-        return torch.cat(parts)
+        return segment_positions(self.segments(rank), device)
 
     def doc_ids(self, rank: int, device=None) -> torch.Tensor:
         return torch.cat([torch.full((s.length,), getattr(s, "doc", 0), dtype=torch.int64, device=device)

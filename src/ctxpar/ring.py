@@ -55,9 +55,7 @@ class _RingAttention(torch.autograd.Function):
         out = torch.zeros(b, sq, hq, v.shape[-1], dtype=cdt, device=q.device)
         lse = torch.full((b, hq, sq), float("-inf"), dtype=cdt, device=q.device)
         # Double buffer: compute on `cur` while `nxt` is being received.
-        cur = torch.stack([k, v]) if k.shape == v.shape else None
-        if cur is None:
-            raise ValueError(f"k and v must have one shape; got {tuple(k.shape)} and {tuple(v.shape)}")
+        cur = torch.stack([k, v])  # k and v have one shape (checked by ctxpar.attention)
         nxt = torch.empty_like(cur) if steps > 1 else None
         nxt_rank, prev_rank = grp.rank + 1, grp.rank - 1
         timer = StepTimer("fwd", q.device)
