@@ -1,13 +1,15 @@
 """Cross-rank exclusive scans: the three algorithms against a float64 reference loop
 (values, output, gradients of values and decay), for sum, affine and segmented variants,
-contiguous and zigzag element orders, forward and reverse, worlds 1 to 4."""
+contiguous and zigzag element orders, forward and reverse, worlds 1 to 4, and on
+hierarchical (ring x ulysses) meshes."""
 import math
 
 import pytest
 import torch
 
 import ctxpar
-from ctxpar.scan import ALGORITHMS, exclusive_scan
+from ctxpar.mesh import cp_mesh
+from ctxpar.scan import ALGORITHMS, exclusive_scan, owners
 
 WORLDS = [1, 2, 3, 4]
 VARIANTS = ["sum", "affine", "segmented", "affine+segmented"]
@@ -148,3 +150,73 @@ def test_world_of_one_and_errors():
         exclusive_scan(x, layout="zigzag")
     with pytest.raises(ValueError, match="2 flag\\(s\\).*got 3"):
         exclusive_scan(z, layout="zigzag", reset=[True, False, True])
+
+
+# ------------------------------------------------------------------- hierarchical meshes
+# An element is a contiguous run of a rank's shard, numbered in sequence order. For zigzag
+# on a mesh, CP rank (r, u) holds the u-th of a2a equal pieces of ring rank r's shard
+# (chunks r and 2*p2p-1-r); with an odd a2a the middle piece spans both chunks. Written out
+# by hand for [a2a, p2p] = [3, 2]: chunks 0..3 are cut into thirds-of-two-thirds runs.
+def test_mesh_owners_written_out():
+    assert owners("zigzag", 2, 3) == ((0,), (1, 6), (7,), (2,), (3, 4), (5,))
+    assert owners("zigzag", 2, 2) == ((0,), (3,), (1,), (2,))
+    assert owners("zigzag", 3, 1) == ((0, 5), (1, 4), (2, 3))
+    assert owners("contiguous", 2, 3) == tuple((q,) for q in range(6))
+
+
+def _run_mesh(sizes, layout):
+    mesh = cp_mesh(hierarchical_context_parallel_sizes=sizes)
+    a2a, p2p = sizes
+    cp_rank = mesh.get_local_rank("ring") * a2a + mesh.get_local_rank("ulysses")
+    held = owners(layout, p2p, a2a)
+    d, decay, flags, grad = _elements_mesh(held)
+    idx = list(held[cp_rank])
+    squeeze = (lambda t: t[0]) if layout == "contiguous" else (lambda t: t)
+    results = {}
+    for variant in VARIANTS:
+        for reverse in (False, True):
+            vals = squeeze(d[idx]).clone().requires_grad_(True)
+            dec = squeeze(decay[idx]).clone().requires_grad_(True) if "affine" in variant else None
+            reset = squeeze(flags[idx]) if "segmented" in variant else None
+            out = exclusive_scan(vals, decay=dec, reset=reset, layout=layout, group=mesh, reverse=reverse)
+            (out * squeeze(grad[idx])).sum().backward()
+            results[variant, reverse] = (idx, out.detach(), vals.grad, None if dec is None else dec.grad)
+    if a2a > 1:
+        with pytest.raises(ValueError, match="use algorithm='allgather'"):
+            exclusive_scan(squeeze(d[idx]), layout=layout, group=mesh, algorithm="ring")
+    else:  # a mesh with a trivial Ulysses axis is a 1-D ring: every algorithm runs
+        for algorithm in ALGORITHMS[1:]:
+            out = exclusive_scan(squeeze(d[idx]), layout=layout, group=mesh, algorithm=algorithm)
+            torch.testing.assert_close(out, results["sum", False][1], rtol=1e-12, atol=1e-12)
+    return results
+
+
+def _elements_mesh(held):
+    big_m = sum(len(h) for h in held)
+    g = torch.Generator().manual_seed(7 + big_m)
+    d = torch.randn(big_m, *SHAPE, generator=g, dtype=torch.float64)
+    decay = 0.5 + 0.5 * torch.rand(big_m, 1, SHAPE[1], generator=g, dtype=torch.float64)
+    flags = torch.rand(big_m, generator=g) < 0.4
+    grad = torch.randn(big_m, *SHAPE, generator=g, dtype=torch.float64)
+    return d, decay, flags, grad
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("sizes", [[2, 2], [3, 1], [1, 2], [2, 1]], ids=str)
+def test_scans_on_hierarchical_meshes(run_ranks, sizes, layout):
+    a2a, p2p = sizes
+    per_rank = run_ranks(a2a * p2p, _run_mesh, sizes, layout)
+    d, decay, flags, grad = _elements_mesh(owners(layout, p2p, a2a))
+    for variant in VARIANTS:
+        for reverse in (False, True):
+            dl = d.clone().requires_grad_(True)
+            decl = decay.clone().requires_grad_(True)
+            ref = _reference(dl, decl, flags, variant, reverse)
+            (ref * grad).sum().backward()
+            for res in per_rank:
+                idx, out, gv, gd = res[variant, reverse]
+                torch.testing.assert_close(out, ref[idx].detach().reshape(out.shape), rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(gv, dl.grad[idx].reshape(gv.shape), rtol=1e-12, atol=1e-12)
+                if "affine" in variant:
+                    want = torch.zeros_like(decl) if decl.grad is None else decl.grad
+                    torch.testing.assert_close(gd, want[idx].reshape(gd.shape), rtol=1e-12, atol=1e-12)

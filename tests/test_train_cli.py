@@ -64,6 +64,18 @@ def test_smoke_run_writes_metrics_and_passes_equivalence(tmp_path):
     assert "equivalence check" in out and "PASS" in out and "tokens/s" in out
 
 
+def test_ttt_on_a_hierarchical_mesh_matches_one_process(tmp_path):
+    # Hybrid CP (Ulysses pair, one ring rank) with an In-Place TTT layer, zigzag: the TTT
+    # chunks of a ring rank's shard are split over its Ulysses group.
+    proc = _ctxpar([*SMOKE, "--ttt", "--hcp", "2", "1", "--layout", "zigzag", "--out", str(tmp_path)])
+    out, err = _finish(proc, 180)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{err}"
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["ttt"] and metrics["config"]["hcp"] == [2, 1]
+    eq = metrics["equivalence"]
+    assert eq["passed"] and eq["grad_norm_rel_diff"] <= eq["tolerance"], eq
+
+
 def test_failing_rank_stops_the_run(tmp_path):
     start = time.monotonic()
     proc = _ctxpar([*SMOKE, "--steps", "50", "--fail-rank", "1", "--fail-step", "1"])

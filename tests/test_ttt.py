@@ -9,6 +9,7 @@ from torch import nn
 
 import ctxpar
 from ctxpar.launch import RankError
+from ctxpar.mesh import cp_mesh
 from ctxpar.ttt import InPlaceTTTMLP, TTTConfig
 from ctxpar.memory import saved_tensor_bytes
 from ctxpar.ttt_reference import GatedMLP, all_chunk_weights_forward, ttt_reference
@@ -56,15 +57,18 @@ def _reference(dtype_name, clip=None, cu=None, seq=S):
     return out.detach(), xr.grad, {k: v.grad for k, v in p.items()}
 
 
-def _cp_rank(dtype_name, layout, clip=None, cu=None, algorithm="allgather", seq=S, overlap=True):
+def _cp_rank(dtype_name, layout, clip=None, cu=None, algorithm="allgather", seq=S, overlap=True,
+             mesh_sizes=None):
     dtype = getattr(torch, dtype_name)
-    layer = _layer(dtype, layout=layout, clip_tau=clip, scan_algorithm=algorithm, overlap=overlap)
+    group = None if mesh_sizes is None else cp_mesh(hierarchical_context_parallel_sizes=mesh_sizes)
+    layer = _layer(dtype, group=group, layout=layout, clip_tau=clip, scan_algorithm=algorithm,
+                   overlap=overlap)
     x, gout = _data(dtype, seq)
-    x_local = ctxpar.shard(x, layout=layout).detach().requires_grad_(True)
+    x_local = ctxpar.shard(x, group=group, layout=layout).detach().requires_grad_(True)
     with ctxpar.comm_counters() as counters:
         out = layer(x_local, cu_seqlens=None if cu is None else torch.tensor(cu, dtype=torch.int32))
-        (out.double() * ctxpar.shard(gout, layout=layout)).sum().backward()
-    return dict(pos=ctxpar.position_ids(seq, layout=layout), out=out.detach(), dx=x_local.grad,
+        (out.double() * ctxpar.shard(gout, group=group, layout=layout)).sum().backward()
+    return dict(pos=ctxpar.position_ids(seq, group=group, layout=layout), out=out.detach(), dx=x_local.grad,
                 grads={k: v.grad for k, v in layer.named_parameters()},
                 bytes=counters.bytes_recv, dtype=out.dtype)
 
@@ -120,6 +124,18 @@ def test_resets_and_clip_allgather_and_fp32(run_ranks):
     _check(run_ranks(3, _cp_rank, "float64", "zigzag", 0.5, CU), "float64", 0.5, CU)
     _check(run_ranks(2, _cp_rank, "float32", "contiguous", 0.5, CU), "float32", 0.5, CU)
     _check(run_ranks(1, _cp_rank, "float64", "contiguous", None, CU), "float64", None, CU)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("sizes", [[2, 2], [3, 1], [1, 2]], ids=str)
+def test_hierarchical_mesh_matches_reference(run_ranks, sizes, layout):
+    """Hybrid CP: the shard of ring rank r is split over its Ulysses group; with an odd a2a
+    and zigzag one rank's piece spans both zigzag blocks (two runs of chunks)."""
+    world = sizes[0] * sizes[1]
+    _check(run_ranks(world, _cp_rank, "float64", layout, None, None, "allgather", S, True, sizes), "float64")
+    _check(run_ranks(world, _cp_rank, "float64", layout, 0.5, CU, "allgather", S, False, sizes),
+           "float64", 0.5, CU)
+    _check(run_ranks(world, _cp_rank, "bfloat16", layout, None, None, "allgather", S, True, sizes), "bfloat16")
 
 
 def test_bytes_per_rank_do_not_depend_on_sequence_length(run_ranks):

@@ -2,12 +2,19 @@
 
 Elements and the operator
 -------------------------
-Every rank holds ``m`` elements of a global sequence of ``M = m*N`` elements (N ranks):
+An *element* is one contiguous run of the sequence held by one rank (a segment of
+:func:`ctxpar.layouts.cp_segments`); the global scan order is the order of the runs in the
+sequence. With N ranks:
 
-- ``layout="contiguous"``: ``m = 1``; rank r holds element r.
-- ``layout="zigzag"``: ``m = 2``; rank r holds elements r and 2N-1-r (the block order of
-  the zigzag sequence layout, see :mod:`ctxpar.layouts`). ``values`` then carries a
-  leading dim of 2 in local order.
+- ``layout="contiguous"``: one element per rank, rank r holds element r.
+- ``layout="zigzag"``: rank r holds elements r and 2N-1-r (the block order of the zigzag
+  sequence layout, see :mod:`ctxpar.layouts`); ``values`` carries a leading dim of 2 in
+  local order.
+- On a hierarchical mesh (``group=`` a ``("ring", "ulysses")`` DeviceMesh, p2p x a2a ranks)
+  CP rank ``r * a2a + u`` holds the runs of its piece of ring rank r's shard. contiguous:
+  one element, CP rank q holds element q. zigzag: ``values`` has a leading dim of m, the
+  number of runs this rank holds (1, or 2 when an odd a2a splits a piece across the two
+  zigzag blocks); :func:`owners` lists them.
 
 Element q is a pair ``(a_q, D_q)`` acting on a state as ``S -> a_q * S + D_q``:
 
@@ -34,6 +41,9 @@ Algorithms (all give the same result up to the order of the additions)
 ``ring``          M-1 serial hops            the carry walks the element order once
 ================  =========================  ===========================================
 
+On a hierarchical mesh only ``allgather`` runs (two stages: inside the Ulysses group, then
+across the ring); the other two need messages between arbitrary CP ranks.
+
 For zigzag, M = 2N, so Hillis-Steele takes ceil(log2 2N) rounds and the ring's carry goes
 up ranks 0..N-1 and back down N-1..0 (2(N-1) messages): the element order is a path
 through the ranks, and both algorithms are written once for an arbitrary owner map.
@@ -45,13 +55,17 @@ come back in the input dtype.
 """
 from __future__ import annotations
 
+import functools
 import math
+
 import torch
 
-from .comms import CPGroup, all_gather, exchange, resolve_group
+from .comms import CPGroup, PendingExchange, all_gather, exchange
+from .layouts import cp_segments
+from .mesh import CPTopology, resolve_topology
 
 __all__ = ["ALGORITHMS", "PendingScan", "acc_dtype", "element_indices", "exclusive_scan",
-           "exclusive_sum", "start_scan"]
+           "exclusive_sum", "owners", "start_scan"]
 
 ALGORITHMS = ("allgather", "hillis_steele", "ring")
 SCAN_LAYOUTS = ("contiguous", "zigzag")
@@ -72,16 +86,47 @@ def _check(layout: str, algorithm: str) -> None:
 
 
 def element_indices(layout: str, rank: int, world: int) -> list[int]:
-    """Global element indices held by ``rank``, in local order."""
+    """Global element indices held by ``rank`` of a 1-D group, in local order."""
     _check(layout, "allgather")
     return [rank] if layout == "contiguous" else [rank, 2 * world - 1 - rank]
 
 
-def _owner(layout: str, e: int, world: int) -> tuple[int, int]:
-    """(rank, local slot) holding global element ``e``."""
-    if layout == "contiguous":
-        return e, 0
-    return (e, 0) if e < world else (2 * world - 1 - e, 1)
+def owners(layout: str, p2p: int, a2a: int = 1) -> tuple[tuple[int, ...], ...]:
+    """Element indices held by every CP rank (``r * a2a + u``), in local order.
+
+    The runs' structure does not depend on the sequence length, so it is read off the
+    shortest length the topology admits."""
+    _check(layout, "allgather")
+    return _owners(layout, p2p, a2a)
+
+
+@functools.lru_cache(maxsize=None)
+def _owners(layout: str, p2p: int, a2a: int) -> tuple[tuple[int, ...], ...]:
+    if a2a == 1:
+        return tuple(tuple(element_indices(layout, r, p2p)) for r in range(p2p))
+    topo = CPTopology(CPGroup(None, 0, p2p), CPGroup(None, 0, a2a), ("ring", "ulysses"))
+    seq_len = (2 if layout == "zigzag" else 1) * p2p * a2a
+    starts = [[s.start for s in cp_segments(layout, topo, seq_len, rank=(r, u))]
+              for r in range(p2p) for u in range(a2a)]
+    order = {x: e for e, x in enumerate(sorted(x for run in starts for x in run))}
+    return tuple(tuple(order[x] for x in run) for run in starts)
+
+
+def _as_topology(grp) -> CPTopology:
+    return grp if isinstance(grp, CPTopology) else resolve_topology(grp)
+
+
+def _gather(topo: CPTopology, local: torch.Tensor):
+    """All-gather ``local`` over every CP rank: ``([size, *local.shape], pending)``, rows in
+    CP rank order. On a mesh: inside the Ulysses group first (blocking), then across the
+    ring (left in flight)."""
+    if topo.ulysses.size == 1:
+        return all_gather(topo.ring, local, async_op=True)
+    inner = all_gather(topo.ulysses, local)
+    if topo.ring.size == 1:
+        return inner, PendingExchange([])
+    out, work = all_gather(topo.ring, inner, async_op=True)
+    return out.view(topo.size, *local.shape), work
 
 
 # ------------------------------------------------------------------------ element algebra
@@ -141,27 +186,35 @@ class PendingScan:
         return self._result
 
 
-def start_scan(d: torch.Tensor, a: torch.Tensor | None, *, grp: CPGroup, layout: str,
+def start_scan(d: torch.Tensor, a: torch.Tensor | None, *, grp, layout: str,
                algorithm: str = "allgather", reverse: bool = False) -> PendingScan:
     """Non-differentiable exclusive scan of this rank's ``m`` elements.
 
     ``d``: ``[m, *shape]`` (carry dtype); ``a``: ``None`` (sum) or ``[m, *a_shape]`` with
-    ``a_shape`` broadcastable to ``shape``. Every rank must pass the same shapes and the
-    same ``a is None``. ``allgather`` returns at once with the gather in flight; the
-    other algorithms finish before returning."""
+    ``a_shape`` broadcastable to ``shape``. ``grp``: a :class:`~ctxpar.comms.CPGroup`, a
+    :class:`~ctxpar.mesh.CPTopology` or anything ``group=`` takes. Every rank must pass the
+    same shapes and the same ``a is None``. ``allgather`` returns at once with the gather in
+    flight; the other algorithms finish before returning."""
     _check(layout, algorithm)
-    world, me = grp.size, grp.rank
-    mine = element_indices(layout, me, world)
-    m, big_m = len(mine), len(mine) * world
+    topo = _as_topology(grp)
+    if topo.ulysses.size > 1 and algorithm != "allgather":
+        raise ValueError(
+            f"scan algorithm {algorithm!r} needs messages between any two CP ranks; on a "
+            f"hierarchical mesh (sizes {topo.sizes}) use algorithm='allgather'")
+    world, me = topo.size, topo.rank
+    held = owners(layout, topo.ring.size, topo.ulysses.size)
+    mine = held[me]
+    m, big_m = len(mine), sum(len(h) for h in held)
     if d.shape[0] != m:
-        raise ValueError(f"layout={layout!r} holds {m} element(s) per rank; got a leading dim of {d.shape[0]}")
+        raise ValueError(f"layout={layout!r} holds {m} element(s) on this rank; got a leading dim of {d.shape[0]}")
     elems = [(None if a is None else a[j], d[j]) for j in range(m)]
     # Work in virtual indices u: u = e going forward, u = M-1-e in reverse; the scan is then
     # always a forward exclusive scan over u.
     virt = [(big_m - 1 - e) if reverse else e for e in mine]
+    where = {e: (q, j) for q, h in enumerate(held) for j, e in enumerate(h)}
 
     def owner_of(u: int) -> tuple[int, int]:
-        return _owner(layout, (big_m - 1 - u) if reverse else u, world)
+        return where[(big_m - 1 - u) if reverse else u]
 
     packer = _Packer(d.shape[1:], None if a is None else a.shape[1:], d.dtype, d.device)
     zero = torch.zeros_like(d[0])
@@ -170,16 +223,21 @@ def start_scan(d: torch.Tensor, a: torch.Tensor | None, *, grp: CPGroup, layout:
         return torch.stack([zero if s is None else s[1] for s in states])
 
     if world == 1 or algorithm == "allgather":
+        # Ranks may hold different numbers of runs (odd a2a with zigzag): pad every
+        # message to the largest count; the padding rows are never read.
+        rows = max(len(h) for h in held)
         local = packer.pack(elems)
-        gathered, work = all_gather(grp, local, async_op=True)
+        if rows > m:
+            local = torch.cat([local, local.new_zeros(rows - m, packer.width)])
+        gathered, work = _gather(topo, local)
 
         def done():
             work.wait()
             by_u = {}
             for q in range(world):
-                rows = packer.unpack(gathered[q])
-                for j, e in enumerate(element_indices(layout, q, world)):
-                    by_u[(big_m - 1 - e) if reverse else e] = rows[j]
+                got = packer.unpack(gathered[q])
+                for j, e in enumerate(held[q]):
+                    by_u[(big_m - 1 - e) if reverse else e] = got[j]
             want = {u: j for j, u in enumerate(virt)}
             states, state = [None] * m, None
             for u in range(max(virt) + 1):
@@ -190,8 +248,8 @@ def start_scan(d: torch.Tensor, a: torch.Tensor | None, *, grp: CPGroup, layout:
 
         return PendingScan(finish=done)
     if algorithm == "ring":
-        return PendingScan(_ring(elems, virt, owner_of, big_m, grp, packer, finish))
-    return PendingScan(_hillis_steele(elems, virt, owner_of, big_m, grp, packer, finish))
+        return PendingScan(_ring(elems, virt, owner_of, big_m, topo.ring, packer, finish))
+    return PendingScan(_hillis_steele(elems, virt, owner_of, big_m, topo.ring, packer, finish))
 
 
 def _ring(elems, virt, owner_of, big_m, grp, packer, finish):
@@ -263,8 +321,8 @@ def _hillis_steele(elems, virt, owner_of, big_m, grp, packer, finish):
 # ---------------------------------------------------------------------- public, autograd
 
 
-def _normalise(values, decay, reset, layout, m):
-    shape = values.shape if m == 1 else values.shape[1:]
+def _normalise(values, decay, reset, layout, m, stacked):
+    shape = values.shape[1:] if stacked else values.shape
     acc = acc_dtype(values.dtype)
     d = values.detach().to(acc).reshape(m, *shape)
     a = None
@@ -274,7 +332,7 @@ def _normalise(values, decay, reset, layout, m):
         if dec.dim() > full_dims:
             raise ValueError(f"decay of shape {tuple(dec.shape)} does not broadcast to values {tuple(values.shape)}")
         dec = dec.reshape((1,) * (full_dims - dec.dim()) + tuple(dec.shape))
-        if m == 1:
+        if not stacked:
             dec = dec.unsqueeze(0)
         torch.broadcast_shapes(dec.shape, d.shape)
         a = dec.expand(m, *dec.shape[1:]).clone()
@@ -291,11 +349,11 @@ def _normalise(values, decay, reset, layout, m):
 class _ScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, decay, reset, grp, layout, algorithm, reverse):
-        m = 2 if layout == "zigzag" else 1
-        if m == 2 and (values.dim() == 0 or values.shape[0] != 2):
-            raise ValueError(f"layout='zigzag' scans two elements per rank: values needs a leading "
-                             f"dim of 2, got shape {tuple(values.shape)}")
-        d, a, flags = _normalise(values, decay, reset, layout, m)
+        m = len(owners(layout, grp.ring.size, grp.ulysses.size)[grp.rank])
+        if layout == "zigzag" and (values.dim() == 0 or values.shape[0] != m):
+            raise ValueError(f"layout='zigzag' scans {m} element(s) on this rank: values needs a "
+                             f"leading dim of {m}, got shape {tuple(values.shape)}")
+        d, a, flags = _normalise(values, decay, reset, layout, m, layout == "zigzag")
         out = start_scan(d, a, grp=grp, layout=layout, algorithm=algorithm, reverse=reverse).wait()
         ctx.meta = (grp, layout, algorithm, reverse, values.shape, values.dtype, m)
         ctx.decay_shape = None if decay is None else torch.as_tensor(decay).shape
@@ -326,10 +384,12 @@ def exclusive_scan(values: torch.Tensor, *, decay=None, reset=None, group=None,
     """Exclusive scan of per-rank summaries over a CP group; differentiable in ``values``
     and ``decay``.
 
-    ``values``: this rank's element, any shape ``[*shape]`` (contiguous) or ``[2, *shape]``
-    (zigzag: the two elements in local order). ``decay``: ``None`` (sum), a number or a
-    tensor broadcastable to ``values`` (affine). ``reset``: ``None``, a bool (contiguous) or
-    two bools (zigzag); a set flag makes the state restart at that element (segmented).
+    ``values``: this rank's element, any shape ``[*shape]`` (contiguous) or ``[m, *shape]``
+    (zigzag: the m elements in local order; m = 2 on a 1-D group, see :func:`owners` on a
+    mesh). ``decay``: ``None`` (sum), a number or a tensor broadcastable to ``values``
+    (affine). ``reset``: ``None``, a bool (contiguous) or m bools (zigzag); a set flag makes
+    the state restart at that element (segmented). ``group``: a ProcessGroup, a 1-D
+    DeviceMesh or a ``("ring", "ulysses")`` mesh (then only ``algorithm="allgather"``).
     Returns the exclusive prefix, shaped and typed like ``values``: zeros on the first
     element (the last one with ``reverse=True``).
 
@@ -338,7 +398,7 @@ def exclusive_scan(values: torch.Tensor, *, decay=None, reset=None, group=None,
     >>> carry = exclusive_scan(total, reset=has_doc_start, group=g)        # segmented
     """
     _check(layout, algorithm)
-    grp = resolve_group(group)
+    grp = resolve_topology(group)
     if isinstance(decay, torch.Tensor) and decay.requires_grad:
         return _ScanFn.apply(values, decay, reset, grp, layout, algorithm, reverse)
     return _ScanFn.apply(values, None if decay is None else torch.as_tensor(decay).detach(),

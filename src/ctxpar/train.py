@@ -131,9 +131,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             from ctxpar import ttt  # noqa: F401
         except ImportError as e:
             raise SystemExit(f"ctxpar train: --ttt needs ctxpar.ttt (In-Place TTT): {e}")
-        if args.hcp is not None or args.layout == "striped":
-            raise SystemExit("ctxpar train: --ttt takes a 1-D CP group and layout contiguous "
-                             "or zigzag (not --hcp, not striped)")
+        if args.layout == "striped":
+            raise SystemExit("ctxpar train: --ttt takes layout contiguous or zigzag (a striped "
+                             "rank holds no run of consecutive tokens to chunk)")
     if args.steps < 1 or args.seq_len < 64 or args.nproc < 1:
         raise SystemExit("ctxpar train: need --steps >= 1, --seq-len >= 64, --nproc >= 1")
     return TrainConfig(

@@ -23,8 +23,9 @@ reset chunk itself. Deltas are per chunk, so the reset chunk's own delta (which 
 previous document's last tokens) still feeds the next chunks of the new document; with
 chunk-aligned documents no token ever sees another document.
 
-Context parallelism: each rank holds blocks of whole chunks (one block for
-``layout="contiguous"``, two for ``"zigzag"``). Block summaries are combined by an exclusive
+Context parallelism: each rank holds blocks of whole chunks, one per contiguous run of its
+shard (one for ``layout="contiguous"``, two for ``"zigzag"``; on a hierarchical mesh, the
+runs of its piece of the ring rank's shard). Block summaries are combined by an exclusive
 (segmented) scan over the global block order, :mod:`ctxpar.scan`; see :mod:`ctxpar.ttt_ops`
 for the fast path, its backward and its memory.
 """
@@ -38,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .comms import resolve_group
-from .layouts import local_segments
-from .scan import ALGORITHMS, acc_dtype, element_indices
+from .layouts import cp_segments
+from .mesh import resolve_topology
+from .scan import ALGORITHMS, acc_dtype, owners
 from .ttt_ops import Block, Plan, TTTApply
 
 __all__ = ["TTTConfig", "InPlaceTTTMLP", "TTTState", "convert", "chunk_resets"]
@@ -123,7 +124,9 @@ class InPlaceTTTMLP(nn.Module):
 
     ``forward(x [B, S_local, D], *, embeddings=None, cu_seqlens=None) -> [B, S_local, D]``.
     Under CP, ``x`` is this rank's shard in ``layout`` order on ``group`` (a ProcessGroup,
-    1-D DeviceMesh or CPGroup; None = WORLD if initialised, else one process). Parameter
+    1-D DeviceMesh or CPGroup; None = WORLD if initialised, else one process; or a
+    hierarchical ``("ring", "ulysses")`` mesh from :func:`ctxpar.cp_mesh`, sharded as
+    :func:`ctxpar.shard` does on it, with ``scan_algorithm="allgather"``). Parameter
     gradients are this rank's share: sum them over the group, as for any replicated weight.
     """
 
@@ -183,26 +186,29 @@ class InPlaceTTTMLP(nn.Module):
         return embeddings
 
     def plan(self, local_len: int, cu_seqlens=None) -> Plan:
-        """This rank's blocks of chunks, with their reset flags."""
-        cfg, grp = self.config, resolve_group(self.group)
-        c, world = cfg.chunk_size, grp.size
-        seq_len = local_len * world
-        segs = local_segments(cfg.layout, grp.rank, world, seq_len)
-        elems = element_indices(cfg.layout, grp.rank, world)
+        """This rank's blocks of chunks (one per contiguous run of its shard), with their
+        reset flags."""
+        cfg, topo = self.config, resolve_topology(self.group)
+        c = cfg.chunk_size
+        seq_len = local_len * topo.size
+        segs = cp_segments(cfg.layout, topo, seq_len)
+        held = owners(cfg.layout, topo.ring.size, topo.ulysses.size)
         blocks, row = [], 0
-        for seg, elem in zip(segs, elems):
+        for seg, elem in zip(segs, held[topo.rank]):
             if seg.length % c:
+                where = (f"{topo.size} rank(s)" if not topo.is_mesh
+                         else f"a mesh of sizes {topo.sizes} ([a2a, p2p])")
                 raise ValueError(
-                    f"chunk_size={c} does not divide the shard: layout={cfg.layout!r} on {world} "
-                    f"rank(s) gives each rank a shard of {local_len} tokens"
-                    + (f" in two blocks of {seg.length}" if len(segs) > 1 else "")
+                    f"chunk_size={c} does not divide the shard: layout={cfg.layout!r} on {where} "
+                    f"gives each rank a shard of {local_len} tokens"
+                    + (f" in runs of {[s.length for s in segs]}" if len(segs) > 1 else "")
                     + "; a shard boundary must fall on a chunk boundary")
             n = seg.length // c
             flags = (chunk_resets(cu_seqlens, seq_len, c, seg.start // c, n)
                      if cu_seqlens is not None else (False,) * n)
             blocks.append(Block(row, seg.length, elem, flags))
             row += seg.length
-        return Plan(c, tuple(blocks), len(elems) * world, grp, cfg.layout, cfg.scan_algorithm,
+        return Plan(c, tuple(blocks), sum(len(h) for h in held), topo, cfg.layout, cfg.scan_algorithm,
                     cfg.clip_tau, cu_seqlens is not None, cfg.overlap)
 
     # ------------------------------------------------------------------------- forward
@@ -220,9 +226,9 @@ class InPlaceTTTMLP(nn.Module):
         token) -> ``(out [B, n, D], state)``. A chunk's delta enters the fast weight when the
         chunk completes (its conv looks ahead within the chunk), so the outputs equal the
         full-sequence forward. Document resets: start a fresh state."""
-        if resolve_group(self.group).size > 1:
+        if resolve_topology(self.group).size > 1:
             raise ValueError("step() decodes on one process; call it with group of size 1 "
-                             f"(this layer's group has {resolve_group(self.group).size} ranks)")
+                             f"(this layer's group has {resolve_topology(self.group).size} ranks)")
         c = self.config.chunk_size
         w0 = self.down_proj.weight
         acc = acc_dtype(w0.dtype)

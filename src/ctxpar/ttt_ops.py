@@ -43,7 +43,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from .comms import CPGroup
+from .mesh import CPTopology
 from .scan import acc_dtype, start_scan
 
 __all__ = ["Block", "Plan", "TTTApply"]
@@ -76,7 +76,7 @@ class Plan:
     chunk: int
     blocks: tuple[Block, ...]
     n_elems: int
-    grp: CPGroup
+    grp: CPTopology  # the CP group (a mesh's ring x ulysses, or a 1-D group)
     layout: str
     algorithm: str
     clip: float | None
