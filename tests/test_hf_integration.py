@@ -156,17 +156,35 @@ def test_shard_batch_packed_documents():
     assert pos == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]]
 
 
-def _packed_equivalence(layout: str) -> dict:
-    """Packed documents under CP vs each document run on its own in one process."""
+def _packed_equivalence(layout: str, ttt: bool = False) -> dict:
+    """Packed documents under CP vs each document run on its own in one process. With
+    ``ttt`` the last layer is an In-Place TTT MLP (chunks of 4): the converted decoder layer
+    hands it the documents, and with every padded document whole chunks each one starts a
+    fresh fast weight, as when run alone."""
     name = register(f"ctxpar_test_packed_{layout}", method="ring", layout=layout)
     ref = _model("llama", torch.float64)
+    if ttt:
+        from ctxpar.comms import CPGroup
+        from ctxpar.ttt import convert
+
+        convert(ref, layers=[1], chunk_size=4, layout=layout, group=CPGroup(None, 0, 1))
+        with torch.no_grad():
+            ref.model.layers[1].mlp.ttt_conv.normal_(std=0.5)
     cp = copy.deepcopy(ref)
+    if ttt:
+        cp.model.layers[1].mlp.group = None
     cp.set_attn_implementation(name)
-    cu = torch.tensor([0, 13, 40, SEQ - 3], dtype=torch.int32)  # odd lengths: padding too
-    ids = torch.randint(0, VOCAB, (1, SEQ - 3), generator=torch.Generator().manual_seed(3))
+    if not ttt:
+        cu = torch.tensor([0, 13, 40, SEQ - 3], dtype=torch.int32)  # odd lengths: padding too
+    else:  # zigzag on 2 ranks pads 13 -> 16: pieces of 4 tokens, one chunk each
+        cu = torch.tensor([0, 13, 45, 61] if layout == "zigzag" else [0, 16, 48, 64], dtype=torch.int32)
+    ids = torch.randint(0, VOCAB, (1, int(cu[-1])), generator=torch.Generator().manual_seed(3))
     total, count = 0.0, 0
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        logits = ref(input_ids=ids[:, a:b]).logits
+        doc = ids[:, a:b]
+        if ttt:  # whole chunks; the extra tokens come last and reach no real token
+            doc = torch.cat([doc, doc.new_zeros(1, -(b - a) % 4)], 1)
+        logits = ref(input_ids=doc).logits[:, : b - a]
         total = total + F.cross_entropy(logits[0, :-1], ids[0, a + 1:b], reduction="sum")
         count += b - a - 1
     ref_loss = total / count
@@ -184,6 +202,11 @@ def _packed_equivalence(layout: str) -> dict:
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_packed_documents_match_separate_documents(run_ranks, layout):
     _check(run_ranks(2, _packed_equivalence, layout))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_packed_documents_with_a_ttt_layer_match_separate_documents(run_ranks, layout):
+    _check(run_ranks(2, _packed_equivalence, layout, True))
 
 
 def test_shard_batch_rejects_left_padding():

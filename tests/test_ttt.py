@@ -98,6 +98,68 @@ def _check(results, dtype_name, clip=None, cu=None):
         _close(sum(r["grads"][name].double() for r in results), ref_grads[name], tol, name)
 
 
+# ------------------------------------------------------------ packed documents (shard_packed)
+# With cu_seqlens the tokens are sharded by ctxpar.shard_packed, as for attention: zigzag
+# pads every document to a multiple of 2N and balances it on its own. When each padded
+# document is whole chunks, every document starts a fresh fast weight on a chunk boundary,
+# so each document's outputs and gradients equal those of the document run alone.
+def _packed_docs(layout, world):
+    unit = 2 * world * C if layout == "zigzag" else C
+    lengths = ((unit - 1, 2 * unit - 1, unit) if layout == "zigzag"
+               else (unit, (4 * world - 3) * unit, 2 * unit))  # whole chunks on every rank
+    return tuple(int(x) for x in torch.tensor((0,) + lengths).cumsum(0))
+
+
+@functools.lru_cache(maxsize=None)
+def _packed_reference(docs, clip=None):
+    """Each document alone through the float64 token loop (zero-padded to whole chunks)."""
+    layer = _layer(torch.float64, clip_tau=clip)
+    x, gout = _data(torch.float64, docs[-1])
+    p = {k: v.detach().clone().requires_grad_(True) for k, v in layer.named_parameters()}
+    outs, dxs = [], []
+    for a, b in zip(docs, docs[1:]):
+        pad = -(b - a) % C
+        xd = torch.nn.functional.pad(x[:, a:b], (0, 0, 0, pad)).requires_grad_(True)
+        out = ttt_reference(xd, w_gate=p["gate_proj.weight"], w_up=p["up_proj.weight"],
+                            w_down=p["down_proj.weight"], conv_weight=p["ttt_conv"],
+                            w_target=p["ttt_target"], eta=p["ttt_eta"], chunk_size=C, clip_tau=clip)
+        (out[:, : b - a] * gout[:, a:b]).sum().backward()
+        outs.append(out[:, : b - a].detach())
+        dxs.append(xd.grad[:, : b - a])
+    return torch.cat(outs, 1), torch.cat(dxs, 1), {k: v.grad for k, v in p.items()}
+
+
+def _packed_rank(docs, layout, clip=None, algorithm="allgather", overlap=True, mesh_sizes=None):
+    group = None if mesh_sizes is None else cp_mesh(hierarchical_context_parallel_sizes=mesh_sizes)
+    layer = _layer(torch.float64, group=group, layout=layout, clip_tau=clip, scan_algorithm=algorithm,
+                   overlap=overlap)
+    x, gout = _data(torch.float64, docs[-1])
+    cu = torch.tensor(docs, dtype=torch.int32)
+    x_local = ctxpar.shard_packed(x, cu, group=group, layout=layout).tokens.requires_grad_(True)
+    out = layer(x_local, cu_seqlens=cu)
+    (out * ctxpar.shard_packed(gout, cu, group=group, layout=layout).tokens).sum().backward()
+    return dict(out=ctxpar.unshard_packed(out.detach(), cu, group=group, layout=layout),
+                dx=ctxpar.unshard_packed(x_local.grad, cu, group=group, layout=layout),
+                grads={k: v.grad for k, v in layer.named_parameters()})
+
+
+def _check_packed(results, docs, clip=None):
+    ref_out, ref_dx, ref_grads = _packed_reference(docs, clip)
+    for r in results:
+        _close(r["out"], ref_out, TOL["float64"], "output")
+        _close(r["dx"], ref_dx, TOL["float64"], "input grad")
+    for name in PARAMS:
+        _close(sum(r["grads"][name] for r in results), ref_grads[name], TOL["float64"], name)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("world", WORLDS)
+def test_packed_documents_equal_each_document_alone(run_ranks, world, layout):
+    docs = _packed_docs(layout, world)
+    _check_packed(run_ranks(world, _packed_rank, docs, layout), docs)
+    _check_packed(run_ranks(world, _packed_rank, docs, layout, 0.5, "allgather", False), docs, 0.5)
+
+
 @pytest.mark.parametrize("dtype_name", ["float64", "float32", "bfloat16"])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("world", WORLDS)
@@ -109,19 +171,24 @@ def test_cp_layer_matches_reference(run_ranks, world, layout, dtype_name):
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_resets_clip_and_scan_algorithms(run_ranks, world, layout, algorithm):
-    for clip, cu in ((0.5, None), (None, CU), (0.5, CU)):
-        _check(run_ranks(world, _cp_rank, "float64", layout, clip, cu, algorithm), "float64", clip, cu)
+    _check(run_ranks(world, _cp_rank, "float64", layout, 0.5, None, algorithm), "float64", 0.5)
+    if layout == "contiguous":  # documents in place: mid-chunk starts reset their chunk
+        for clip in (None, 0.5):
+            _check(run_ranks(world, _cp_rank, "float64", layout, clip, CU, algorithm), "float64", clip, CU)
+    docs = _packed_docs(layout, world)
+    _check_packed(run_ranks(world, _packed_rank, docs, layout, 0.5, algorithm), docs, 0.5)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_without_overlap(run_ranks, world, layout):
     _check(run_ranks(world, _cp_rank, "float32", layout, None, None, "allgather", S, False), "float32")
-    _check(run_ranks(world, _cp_rank, "float64", layout, 0.5, CU, "ring", S, False), "float64", 0.5, CU)
+    docs = _packed_docs(layout, world)
+    _check_packed(run_ranks(world, _packed_rank, docs, layout, 0.5, "ring", False), docs, 0.5)
 
 
 def test_resets_and_clip_allgather_and_fp32(run_ranks):
-    _check(run_ranks(3, _cp_rank, "float64", "zigzag", 0.5, CU), "float64", 0.5, CU)
+    _check(run_ranks(3, _cp_rank, "float64", "contiguous", 0.5, CU), "float64", 0.5, CU)
     _check(run_ranks(2, _cp_rank, "float32", "contiguous", 0.5, CU), "float32", 0.5, CU)
     _check(run_ranks(1, _cp_rank, "float64", "contiguous", None, CU), "float64", None, CU)
 
@@ -133,8 +200,8 @@ def test_hierarchical_mesh_matches_reference(run_ranks, sizes, layout):
     and zigzag one rank's piece spans both zigzag blocks (two runs of chunks)."""
     world = sizes[0] * sizes[1]
     _check(run_ranks(world, _cp_rank, "float64", layout, None, None, "allgather", S, True, sizes), "float64")
-    _check(run_ranks(world, _cp_rank, "float64", layout, 0.5, CU, "allgather", S, False, sizes),
-           "float64", 0.5, CU)
+    docs = _packed_docs(layout, world)
+    _check_packed(run_ranks(world, _packed_rank, docs, layout, 0.5, "allgather", False, sizes), docs, 0.5)
     _check(run_ranks(world, _cp_rank, "bfloat16", layout, None, None, "allgather", S, True, sizes), "bfloat16")
 
 
@@ -263,9 +330,13 @@ def test_validation_errors(run_ranks):
         run_ranks(2, _bad_chunk_rank)
     assert set(info.value.exc_types.values()) == {"ValueError"}
     assert "chunk_size=8 does not divide the shard" in info.value.failures[1]
-    assert "12 tokens in two blocks of 6" in info.value.failures[1]
-    with pytest.raises(ValueError, match="cu_seqlens must run non-decreasing from 0 to the global length 16"):
+    assert "12 tokens in runs (start, length) [(6, 6), (12, 6)]" in info.value.failures[1]
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0 and strictly increase"):
         InPlaceTTTMLP(GatedMLP(D, FF), chunk_size=4)(torch.zeros(1, 16, D), cu_seqlens=torch.tensor([0, 9, 5, 16]))
+    # Packed batches follow the library's convention: tokens sharded by shard_packed.
+    with pytest.raises(ValueError, match="pads to 18 tokens.*shard packed batches with ctxpar.shard_packed"):
+        InPlaceTTTMLP(GatedMLP(D, FF), chunk_size=4, layout="zigzag")(
+            torch.zeros(1, 16, D), cu_seqlens=torch.tensor([0, 9, 16]))
     for bad, msg in (({"chunk_size": 0}, "chunk_size must be a positive int, got 0"),
                      ({"conv_kernel": 4}, "conv_kernel must be a positive odd int, got 4"),
                      ({"target": "labels"}, "target must be one of"),

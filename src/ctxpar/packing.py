@@ -23,11 +23,13 @@ import functools
 
 import torch
 
-from .comms import resolve_group
-from .layouts import check_divisible, check_layout, granularity, local_segments, segment_positions
+from .comms import CPGroup, resolve_group
+from .layouts import (check_divisible, check_layout, cp_segments, granularity, local_segments,
+                      segment_positions)
 from .mesh import CPTopology, resolve_topology
 
-__all__ = ["DocSegment", "ShardSpec", "PackedShard", "shard_packed", "unshard_packed", "pad_for_cp"]
+__all__ = ["DocSegment", "ShardSpec", "PackedShard", "shard_packed", "unshard_packed", "pad_for_cp",
+           "cp_runs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +256,46 @@ def unshard_packed(x_local: torch.Tensor, cu_seqlens, *, group=None, layout: str
     keep = torch.nonzero(src >= 0).squeeze(1)
     idx = keep[torch.argsort(src[keep])]
     return gathered.index_select(dim, idx.to(x_local.device))
+
+
+def cp_runs(layout: str, topo: CPTopology, local_len: int, cu_seqlens=None):
+    """Where every CP rank's tokens sit, as runs of consecutive positions of the (padded)
+    global sequence: ``(runs, seq_len, doc_starts)``.
+
+    ``runs[q]`` lists ``(start, length)`` in CP rank q's local order (q = ring_rank * a2a +
+    ulysses_rank); ``seq_len`` is the padded global length and ``doc_starts`` the documents'
+    starts in it (``[0]`` without ``cu_seqlens``). With ``cu_seqlens`` the tokens are those of
+    :func:`shard_packed` (the library's convention for packed batches), else of
+    :func:`ctxpar.shard`. Stride-1 layouts only (contiguous, zigzag)."""
+    docs = None if cu_seqlens is None else _cu_tuple(cu_seqlens)
+    return _cp_runs(layout, topo.ring.size, topo.ulysses.size, local_len, docs)
+
+
+@functools.lru_cache(maxsize=64)
+def _cp_runs(layout, p2p, a2a, local_len, docs):
+    size = p2p * a2a
+    if docs is None:
+        topo = CPTopology(CPGroup(None, 0, p2p), CPGroup(None, 0, a2a))
+        seq_len = local_len * size
+        runs = tuple(tuple((s.start, s.length) for s in cp_segments(layout, topo, seq_len, rank=(r, u)))
+                     for r in range(p2p) for u in range(a2a))
+        return runs, seq_len, (0,)
+    spec = ShardSpec(layout, p2p, padded_length(docs, layout, p2p, a2a), docs, a2a)
+    if spec.seq_len != local_len * size:
+        raise ValueError(
+            f"cu_seqlens ending at {docs[-1]} pads to {spec.seq_len} tokens under layout={layout!r} "
+            f"on {size} rank(s), but the shards hold {local_len} x {size} = {local_len * size}; "
+            f"shard packed batches with ctxpar.shard_packed(...)")
+    runs = []
+    for r in range(p2p):
+        pos = spec.positions(r)
+        m = pos.numel() // a2a
+        for u in range(a2a):
+            piece = pos[u * m:(u + 1) * m]
+            cut = (torch.nonzero(piece[1:] - piece[:-1] != 1).flatten() + 1).tolist()
+            bounds = [0] + cut + [piece.numel()]
+            runs.append(tuple((int(piece[a]), b - a) for a, b in zip(bounds, bounds[1:])))
+    return tuple(runs), spec.seq_len, tuple(_doc_starts(docs, layout, p2p, a2a))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -64,8 +64,8 @@ from .comms import CPGroup, PendingExchange, all_gather, exchange
 from .layouts import cp_segments
 from .mesh import CPTopology, resolve_topology
 
-__all__ = ["ALGORITHMS", "PendingScan", "acc_dtype", "element_indices", "exclusive_scan",
-           "exclusive_sum", "owners", "start_scan"]
+__all__ = ["ALGORITHMS", "PendingScan", "acc_dtype", "exclusive_scan", "exclusive_sum", "owners",
+           "start_scan"]
 
 ALGORITHMS = ("allgather", "hillis_steele", "ring")
 SCAN_LAYOUTS = ("contiguous", "zigzag")
@@ -85,12 +85,6 @@ def _check(layout: str, algorithm: str) -> None:
         raise ValueError(f"unknown scan algorithm {algorithm!r}; expected one of {ALGORITHMS}")
 
 
-def element_indices(layout: str, rank: int, world: int) -> list[int]:
-    """Global element indices held by ``rank`` of a 1-D group, in local order."""
-    _check(layout, "allgather")
-    return [rank] if layout == "contiguous" else [rank, 2 * world - 1 - rank]
-
-
 def owners(layout: str, p2p: int, a2a: int = 1) -> tuple[tuple[int, ...], ...]:
     """Element indices held by every CP rank (``r * a2a + u``), in local order.
 
@@ -102,8 +96,8 @@ def owners(layout: str, p2p: int, a2a: int = 1) -> tuple[tuple[int, ...], ...]:
 
 @functools.lru_cache(maxsize=None)
 def _owners(layout: str, p2p: int, a2a: int) -> tuple[tuple[int, ...], ...]:
-    if a2a == 1:
-        return tuple(tuple(element_indices(layout, r, p2p)) for r in range(p2p))
+    if a2a == 1:  # rank r: block r, and block 2N-1-r for zigzag
+        return tuple((r,) if layout == "contiguous" else (r, 2 * p2p - 1 - r) for r in range(p2p))
     topo = CPTopology(CPGroup(None, 0, p2p), CPGroup(None, 0, a2a), ("ring", "ulysses"))
     seq_len = (2 if layout == "zigzag" else 1) * p2p * a2a
     starts = [[s.start for s in cp_segments(layout, topo, seq_len, rank=(r, u))]
@@ -187,14 +181,16 @@ class PendingScan:
 
 
 def start_scan(d: torch.Tensor, a: torch.Tensor | None, *, grp, layout: str,
-               algorithm: str = "allgather", reverse: bool = False) -> PendingScan:
+               algorithm: str = "allgather", reverse: bool = False, held=None) -> PendingScan:
     """Non-differentiable exclusive scan of this rank's ``m`` elements.
 
     ``d``: ``[m, *shape]`` (carry dtype); ``a``: ``None`` (sum) or ``[m, *a_shape]`` with
     ``a_shape`` broadcastable to ``shape``. ``grp``: a :class:`~ctxpar.comms.CPGroup`, a
     :class:`~ctxpar.mesh.CPTopology` or anything ``group=`` takes. Every rank must pass the
-    same shapes and the same ``a is None``. ``allgather`` returns at once with the gather in
-    flight; the other algorithms finish before returning."""
+    same shapes and the same ``a is None``. ``held`` overrides the layout's element map
+    (:func:`owners`): the element indices of every CP rank, in local order, e.g. the runs
+    of a packed shard. ``allgather`` returns at once with the gather in flight; the other
+    algorithms finish before returning."""
     _check(layout, algorithm)
     topo = _as_topology(grp)
     if topo.ulysses.size > 1 and algorithm != "allgather":
@@ -202,7 +198,8 @@ def start_scan(d: torch.Tensor, a: torch.Tensor | None, *, grp, layout: str,
             f"scan algorithm {algorithm!r} needs messages between any two CP ranks; on a "
             f"hierarchical mesh (sizes {topo.sizes}) use algorithm='allgather'")
     world, me = topo.size, topo.rank
-    held = owners(layout, topo.ring.size, topo.ulysses.size)
+    if held is None:
+        held = owners(layout, topo.ring.size, topo.ulysses.size)
     mine = held[me]
     m, big_m = len(mine), sum(len(h) for h in held)
     if d.shape[0] != m:

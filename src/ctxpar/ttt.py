@@ -16,16 +16,21 @@ H ``[S, D]`` is the MLP input, F = d_ff, C the chunk size, chunk i the rows [iC,
   delta), ``O_i = Z_i W_(i)ᵀ``, W_0 = down_proj.weight, η a learnable or fixed scalar.
 - At init the conv is zero, so V̂ = 0, ΔW = 0 and the layer equals the wrapped MLP exactly.
 
-Document resets (``cu_seqlens``, global token offsets ``[0, l1, l1+l2, ..., S]``): chunk i
-*resets* when a document starts at a position inside it, ``iC <= start < (i+1)C``. A reset
-chunk and the chunks after it see only deltas from the reset chunk on: W_(i) = W_0 for the
-reset chunk itself. Deltas are per chunk, so the reset chunk's own delta (which may hold the
-previous document's last tokens) still feeds the next chunks of the new document; with
-chunk-aligned documents no token ever sees another document.
+Packed documents (``cu_seqlens``: the original global boundaries ``[0, l1, l1+l2, ..., S]``,
+tokens sharded by :func:`ctxpar.shard_packed`, the same convention as attention): chunks
+are counted on the padded sequence that ``shard_packed`` lays out, and chunk i *resets*
+when a document starts inside it, ``iC <= start < (i+1)C``. A reset chunk and the chunks
+after it see only deltas from the reset chunk on: W_(i) = W_0 for the reset chunk itself.
+Deltas are per chunk, so the reset chunk's own delta (which may hold the previous
+document's last tokens) still feeds the next chunks of the new document. When every
+(padded) document is whole chunks, each document starts on a chunk boundary and is
+computed exactly as if it ran alone. zigzag pads each document to a multiple of 2N and
+splits it in 2N pieces, so that needs documents padding to multiples of 2N·C.
 
-Context parallelism: each rank holds blocks of whole chunks, one per contiguous run of its
-shard (one for ``layout="contiguous"``, two for ``"zigzag"``; on a hierarchical mesh, the
-runs of its piece of the ring rank's shard). Block summaries are combined by an exclusive
+Context parallelism: each rank holds blocks of whole chunks, one per run of consecutive
+tokens of its shard (one for ``layout="contiguous"``, two for ``"zigzag"``; on a
+hierarchical mesh, the runs of its piece of the ring rank's shard; with packed zigzag,
+two pieces per document, merged where they touch). Block summaries are combined by an exclusive
 (segmented) scan over the global block order, :mod:`ctxpar.scan`; see :mod:`ctxpar.ttt_ops`
 for the fast path, its backward and its memory.
 """
@@ -39,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layouts import cp_segments
 from .mesh import resolve_topology
-from .scan import ALGORITHMS, acc_dtype, owners
+from .packing import cp_runs
+from .scan import ALGORITHMS, acc_dtype
 from .ttt_ops import Block, Plan, TTTApply
 
 __all__ = ["TTTConfig", "InPlaceTTTMLP", "TTTState", "convert", "chunk_resets"]
@@ -155,6 +160,7 @@ class InPlaceTTTMLP(nn.Module):
         else:
             self.register_buffer("ttt_eta", eta)
         self._embedding_tap = None  # set by convert(target="embeddings")
+        self._document_tap = None  # set by convert(): the decoder layer's packed documents
 
     def extra_repr(self) -> str:
         c = self.config
@@ -186,33 +192,40 @@ class InPlaceTTTMLP(nn.Module):
         return embeddings
 
     def plan(self, local_len: int, cu_seqlens=None) -> Plan:
-        """This rank's blocks of chunks (one per contiguous run of its shard), with their
-        reset flags."""
+        """This rank's blocks of chunks (one per run of consecutive tokens of its shard),
+        with their reset flags; the chunk grid is that of the (padded) global sequence."""
         cfg, topo = self.config, resolve_topology(self.group)
         c = cfg.chunk_size
-        seq_len = local_len * topo.size
-        segs = cp_segments(cfg.layout, topo, seq_len)
-        held = owners(cfg.layout, topo.ring.size, topo.ulysses.size)
+        runs, seq_len, starts = cp_runs(cfg.layout, topo, local_len, cu_seqlens)
+        order = {x: e for e, x in enumerate(sorted(start for rank in runs for start, _ in rank))}
+        held = tuple(tuple(order[start] for start, _ in rank) for rank in runs)
+        bad = [(start, n) for start, n in runs[topo.rank] if start % c or n % c]
+        if bad:
+            where = f"{topo.size} rank(s)" if not topo.is_mesh else f"a mesh of sizes {topo.sizes} ([a2a, p2p])"
+            raise ValueError(
+                f"chunk_size={c} does not divide the shard: layout={cfg.layout!r} on {where} gives "
+                f"this rank {local_len} tokens in runs (start, length) {list(runs[topo.rank])}, which "
+                "must start and end on chunk boundaries" + (
+                    f" (packed zigzag: every document must pad to a multiple of 2 x {topo.size} x "
+                    f"{c} tokens)" if cu_seqlens is not None and cfg.layout == "zigzag" else ""))
+        resets = None if cu_seqlens is None else tuple(starts) + (seq_len,)
         blocks, row = [], 0
-        for seg, elem in zip(segs, held[topo.rank]):
-            if seg.length % c:
-                where = (f"{topo.size} rank(s)" if not topo.is_mesh
-                         else f"a mesh of sizes {topo.sizes} ([a2a, p2p])")
-                raise ValueError(
-                    f"chunk_size={c} does not divide the shard: layout={cfg.layout!r} on {where} "
-                    f"gives each rank a shard of {local_len} tokens"
-                    + (f" in runs of {[s.length for s in segs]}" if len(segs) > 1 else "")
-                    + "; a shard boundary must fall on a chunk boundary")
-            n = seg.length // c
-            flags = (chunk_resets(cu_seqlens, seq_len, c, seg.start // c, n)
-                     if cu_seqlens is not None else (False,) * n)
-            blocks.append(Block(row, seg.length, elem, flags))
-            row += seg.length
-        return Plan(c, tuple(blocks), sum(len(h) for h in held), topo, cfg.layout, cfg.scan_algorithm,
-                    cfg.clip_tau, cu_seqlens is not None, cfg.overlap)
+        for (start, n), elem in zip(runs[topo.rank], held[topo.rank]):
+            flags = (chunk_resets(resets, seq_len, c, start // c, n // c) if resets is not None
+                     else (False,) * (n // c))
+            blocks.append(Block(row, n, elem, flags))
+            row += n
+        return Plan(c, tuple(blocks), len(order), topo, cfg.layout, cfg.scan_algorithm,
+                    cfg.clip_tau, cu_seqlens is not None, cfg.overlap, held)
 
     # ------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *, embeddings=None, cu_seqlens=None) -> torch.Tensor:
+        """``x``: ``[B, S_local, D]``. ``cu_seqlens``: the original global boundaries of packed
+        documents, with ``x`` sharded by :func:`ctxpar.shard_packed` (as for attention); a
+        chunk where a document starts restarts the fast weight. Inside a model converted by
+        :func:`convert` they come from the decoder layer's ``cu_seq_lens_q`` keyword."""
+        if cu_seqlens is None and self._document_tap is not None:
+            cu_seqlens = self._document_tap.value
         if x.dim() != 3:
             raise ValueError(f"expected x of shape [batch, seq, hidden], got {tuple(x.shape)}")
         plan = self.plan(x.shape[1], cu_seqlens)
@@ -276,6 +289,22 @@ class _EmbeddingTap:
         self.value = output
 
 
+class _DocumentTap:
+    """Holds, while one decoder layer runs, the packed-document boundaries it was called
+    with: Hugging Face decoder layers pass ``cu_seq_lens_q`` (what
+    :func:`ctxpar.integrations.transformers.shard_batch` sets) to attention but call the MLP
+    with the hidden states alone."""
+
+    def __init__(self):
+        self.value = None
+
+    def enter(self, module, args, kwargs):
+        self.value = kwargs.get("cu_seq_lens_q")
+
+    def leave(self, module, args, kwargs, output):
+        self.value = None
+
+
 def _decoder_layers(model: nn.Module):
     for owner in (model, getattr(model, "model", None), getattr(model, "get_decoder", lambda: None)()):
         layers = getattr(owner, "layers", None)
@@ -298,7 +327,9 @@ def convert(model: nn.Module, *, layers=None, chunk_size: int = 1024, every: int
     added per converted layer: ``mlp.ttt_conv``, ``mlp.ttt_target`` and ``mlp.ttt_eta``
     (unless ``learn_eta=False``). The wrapped ``gate_proj``/``up_proj``/``down_proj`` keep
     their names and their ``requires_grad``: freeze them yourself for a TTT-only fine-tune.
-    With ``target="embeddings"`` a forward hook on the input embedding feeds the layers."""
+    With ``target="embeddings"`` a forward hook on the input embedding feeds the layers.
+    Hooks on each converted decoder layer hand its ``cu_seq_lens_q`` keyword (packed
+    documents, see :func:`ctxpar.integrations.transformers.shard_batch`) to the TTT MLP."""
     stack = _decoder_layers(model)
     if layers is None:
         layers = [i for i in range(len(stack)) if i % every == every - 1]
@@ -318,5 +349,8 @@ def convert(model: nn.Module, *, layers=None, chunk_size: int = 1024, every: int
             raise ValueError(f"layer {i} is already converted")
         new = InPlaceTTTMLP(stack[i].mlp, chunk_size=chunk_size, group=group, **options)
         new._embedding_tap = tap
+        new._document_tap = _DocumentTap()
+        stack[i].register_forward_pre_hook(new._document_tap.enter, with_kwargs=True)
+        stack[i].register_forward_hook(new._document_tap.leave, with_kwargs=True)
         stack[i].mlp = new
     return model

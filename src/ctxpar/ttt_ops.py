@@ -82,6 +82,7 @@ class Plan:
     clip: float | None
     segmented: bool  # document resets are on (every rank agrees: cu_seqlens is global)
     overlap: bool = True  # forward: summaries first, gather in flight during the chunk loop
+    held: tuple | None = None  # element (block) indices of every CP rank, see ctxpar.scan
 
     def keep(self, device, dtype) -> torch.Tensor | None:
         """Per-block scan coefficient: 0 if the block contains a reset, else 1."""
@@ -164,7 +165,7 @@ class TTTApply(torch.autograd.Function):
         keep = plan.keep(z.device, acc)
         pending = None
         if plan.n_elems > 1 and plan.overlap:
-            pending = start_scan(summ, keep, grp=plan.grp, layout=plan.layout,
+            pending = start_scan(summ, keep, grp=plan.grp, layout=plan.layout, held=plan.held,
                                  algorithm=plan.algorithm)
 
         # 2. Local chunk work: Y_i = Z_i E_iᵀ with a running accumulator E.
@@ -186,7 +187,7 @@ class TTTApply(torch.autograd.Function):
             if last == len(blk.flags) and e is not None:
                 summ[j].copy_(e)
         if plan.n_elems > 1 and not plan.overlap:
-            pending = start_scan(summ, keep, grp=plan.grp, layout=plan.layout,
+            pending = start_scan(summ, keep, grp=plan.grp, layout=plan.layout, held=plan.held,
                                  algorithm=plan.algorithm)
 
         # 3. The carry enters one final matmul per block.
@@ -242,7 +243,7 @@ class TTTApply(torch.autograd.Function):
         pending = None
         if plan.n_elems > 1:
             pending = start_scan(rsum, plan.keep(z.device, acc), grp=plan.grp,
-                                 layout=plan.layout, algorithm=plan.algorithm, reverse=True)
+                                 layout=plan.layout, held=plan.held, algorithm=plan.algorithm, reverse=True)
 
         # 2. Pass 1 (chunk order): ∂Z_i = G_i (W_0 + η(P + E_i)), E_i recomputed.
         dz = torch.empty(bsz, z.shape[1], nf, dtype=acc, device=z.device)
