@@ -1,0 +1,18 @@
+"""``ctxpar verify``'s rank body: its attention and In-Place TTT cases pass on 2 ranks, and
+a case that cannot run is reported as a failure, not skipped."""
+from ctxpar.verify import TOLERANCE, Case, build_cases, verify_rank
+
+
+def test_cases_pass_and_cover_ttt(run_ranks):
+    cases = build_cases(["ring", "ttt"], ["contiguous", "zigzag"], ["float64", "float32"])
+    assert sum(c.method == "ttt" for c in cases) == 2 * 2 + 2  # layouts x dtypes, + packed
+    per_rank = run_ranks(2, verify_rank, cases, "cpu", 32)
+    for case, *errs in zip(cases, *per_rank):
+        assert all(isinstance(e, float) and e <= TOLERANCE[case.dtype] for e in errs), (case, errs)
+
+
+def test_broken_case_is_reported(run_ranks):
+    bad = [Case("nope", "zigzag", True, "float64"), Case("ttt", "zigzag", True, "float64")]
+    for errs in run_ranks(2, verify_rank, bad, "cpu", 36):  # 36: TTT runs of 9 tokens, chunk 4
+        assert isinstance(errs[0], str) and "ValueError" in errs[0] and "nope" in errs[0]
+        assert isinstance(errs[1], str) and "chunk_size=4 does not divide the shard" in errs[1]
