@@ -284,6 +284,37 @@ def test_streaming_matches_full_forward(clip):
     assert (full - plain).abs().max() > 1e-3  # the fast weights do change the output
 
 
+def _prefill_then_decode_rank(layout, clip):
+    """Prefill the first S tokens under CP, then decode 2C more one token at a time."""
+    layer = _layer(torch.float64, layout=layout, clip_tau=clip)
+    x, _ = _data(torch.float64, S + 2 * C)
+    with torch.no_grad():
+        state = layer.prefill_state(ctxpar.shard(x[:, :S], layout=layout))
+        prefilled, outs = state.delta, []
+        for t in range(S, S + 2 * C):
+            out, state = layer.step(x[:, t:t + 1], state)
+            outs.append(out)
+    return torch.cat(outs, 1), prefilled
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+@pytest.mark.parametrize("world,layout", [(2, "zigzag"), (3, "contiguous"), (4, "zigzag")])
+def test_decode_after_a_cp_prefill(run_ranks, world, layout, clip):
+    per_rank = run_ranks(world, _prefill_then_decode_rank, layout, clip)
+    layer = _layer(torch.float64, clip_tau=clip)
+    x, _ = _data(torch.float64, S + 2 * C)
+    p = dict(layer.named_parameters())
+    with torch.no_grad():
+        ref = ttt_reference(x, w_gate=p["gate_proj.weight"], w_up=p["up_proj.weight"],
+                            w_down=p["down_proj.weight"], conv_weight=p["ttt_conv"],
+                            w_target=p["ttt_target"], eta=p["ttt_eta"], chunk_size=C, clip_tau=clip)
+        _, single = layer.step(x[:, :S])  # the one-process state after the same prompt
+    for tail, delta in per_rank:
+        torch.testing.assert_close(tail, ref[:, S:], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(delta, single.delta, rtol=1e-10, atol=1e-10)
+    assert (single.delta.abs().max() > 0.1)  # the prompt did move the fast weight
+
+
 def test_embeddings_target():
     layer = _layer(torch.float64, chunk_size=8, target="embeddings")
     x, _ = _data(torch.float64, seq=32)
@@ -321,6 +352,10 @@ def _bad_chunk_rank():
     InPlaceTTTMLP(GatedMLP(D, FF), chunk_size=8, layout="zigzag")(torch.zeros(1, 12, D))
 
 
+def _step_without_state_rank():
+    InPlaceTTTMLP(GatedMLP(D, FF), chunk_size=8).step(torch.zeros(1, 3, D))
+
+
 def test_validation_errors(run_ranks):
     with pytest.raises(ValueError, match="striped"):
         InPlaceTTTMLP(GatedMLP(D, FF), layout="striped")
@@ -331,6 +366,9 @@ def test_validation_errors(run_ranks):
     assert set(info.value.exc_types.values()) == {"ValueError"}
     assert "chunk_size=8 does not divide the shard" in info.value.failures[1]
     assert "12 tokens in runs (start, length) [(6, 6), (12, 6)]" in info.value.failures[1]
+    with pytest.raises(RankError) as info:
+        run_ranks(2, _step_without_state_rank)
+    assert all("prefill under CP with forward() and prefill_state()" in f for f in info.value.failures.values())
     with pytest.raises(ValueError, match="cu_seqlens must start at 0 and strictly increase"):
         InPlaceTTTMLP(GatedMLP(D, FF), chunk_size=4)(torch.zeros(1, 16, D), cu_seqlens=torch.tensor([0, 9, 5, 16]))
     # Packed batches follow the library's convention: tokens sharded by shard_packed.

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .comms import all_reduce
 from .mesh import resolve_topology
 from .packing import cp_runs
 from .scan import ALGORITHMS, acc_dtype
@@ -234,14 +235,47 @@ class InPlaceTTTMLP(nn.Module):
         return TTTApply.apply(z, v, self.down_proj.weight, self.down_proj.bias, self.ttt_eta, plan)
 
     # ----------------------------------------------------------------------- streaming
+    def prefill_state(self, x: torch.Tensor, *, embeddings=None) -> TTTState:
+        """The streaming state after a prefill run under CP: ``x`` is this rank's shard
+        ``[B, S_local, D]`` of a prompt of whole chunks, as given to :meth:`forward`. Every
+        rank gets the same state (Σ of every chunk's ΔW: the chunk sums are additive, so one
+        all-reduce of a ``[B, D, F]`` carry), ready for :meth:`step` on the tokens that
+        follow, on any process."""
+        topo = resolve_topology(self.group)
+        self.plan(x.shape[1])  # checks that the shard is whole chunks
+        acc = acc_dtype(self.down_proj.weight.dtype)
+        z = self.activations(x)
+        v = self.targets(self._target_source(x, embeddings))
+        c = self.config.chunk_size
+        if self.config.clip_tau is None:  # Σ_i V̂_iᵀ Z_i is one product over all rows
+            delta = torch.bmm(v.to(acc).transpose(1, 2), z.to(acc))
+        else:
+            delta = sum(self._chunk_delta(v[:, i:i + c].to(acc), z[:, i:i + c].to(acc))
+                        for i in range(0, x.shape[1], c))
+        delta = delta.detach().contiguous()
+        for grp in (topo.ulysses, topo.ring):
+            all_reduce(grp, delta)
+        return TTTState(delta, x.new_zeros(x.shape[0], 0, x.shape[2]),
+                        z.new_zeros(x.shape[0], 0, z.shape[2]).detach(), x.shape[1] * topo.size)
+
+    def _chunk_delta(self, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """ΔW = V̂ᵀ Z of one chunk ``[B, D, F]``, Frobenius-clipped if configured."""
+        dw = torch.bmm(v.transpose(1, 2), z)
+        if self.config.clip_tau is not None:
+            norm = torch.linalg.vector_norm(dw.flatten(1), dim=1)
+            dw = dw * (self.config.clip_tau / norm).clamp(max=1.0).view(-1, 1, 1)
+        return dw
+
     def step(self, x: torch.Tensor, state: TTTState | None = None, *, embeddings=None):
-        """Streaming prefill/decode on one process: ``x`` ``[B, n, D]`` (a prompt or one
-        token) -> ``(out [B, n, D], state)``. A chunk's delta enters the fast weight when the
-        chunk completes (its conv looks ahead within the chunk), so the outputs equal the
-        full-sequence forward. Document resets: start a fresh state."""
-        if resolve_topology(self.group).size > 1:
-            raise ValueError("step() decodes on one process; call it with group of size 1 "
-                             f"(this layer's group has {resolve_topology(self.group).size} ranks)")
+        """Streaming prefill/decode: ``x`` ``[B, n, D]`` (a prompt or one token, the full
+        tokens, not a shard) -> ``(out [B, n, D], state)``. A chunk's delta enters the fast
+        weight when the chunk completes (its conv looks ahead within the chunk), so the
+        outputs equal the full-sequence forward. No communication: after a CP prefill
+        (:meth:`prefill_state`) any process can decode. Document resets: a fresh state."""
+        if state is None and resolve_topology(self.group).size > 1:
+            raise ValueError("step() without a state starts a sequence on one process, but this "
+                             f"layer's group has {resolve_topology(self.group).size} ranks; prefill "
+                             "under CP with forward() and prefill_state(), then step() from that state")
         c = self.config.chunk_size
         w0 = self.down_proj.weight
         acc = acc_dtype(w0.dtype)
@@ -265,11 +299,7 @@ class InPlaceTTTMLP(nn.Module):
             z_buf = torch.cat([state.z_buf, z_r], 1)
             delta = state.delta
             if t_buf.shape[1] == c:  # the chunk is complete: fold its delta in
-                v = self.targets(t_buf).to(acc)
-                dw = torch.bmm(v.transpose(1, 2), z_buf.to(acc))
-                if self.config.clip_tau is not None:
-                    norm = torch.linalg.vector_norm(dw.flatten(1), dim=1)
-                    dw = dw * (self.config.clip_tau / norm).clamp(max=1.0).view(-1, 1, 1)
+                dw = self._chunk_delta(self.targets(t_buf).to(acc), z_buf.to(acc))
                 delta, t_buf, z_buf = delta + dw, t_buf[:, :0], z_buf[:, :0]
             state = TTTState(delta, t_buf, z_buf, state.position + take)
             pos += take
