@@ -211,8 +211,9 @@ def test_bytes_per_rank_do_not_depend_on_sequence_length(run_ranks):
     for seq in (32, 64):
         per_s[seq] = [r["bytes"] for r in run_ranks(world, _cp_rank, "float32", "contiguous", None, None,
                                                      "allgather", seq)]
-    # One all-gather of the fp32 block summary [B, D, F] forward, one backward.
-    expected = 2 * (world - 1) * B * D * FF * 4
+    # One all-gather of the fp32 block summary [B, D, F] forward, one backward, and the
+    # argument check's all-gather of 7 int64 fields.
+    expected = 2 * (world - 1) * B * D * FF * 4 + (world - 1) * 7 * 8
     assert per_s[32] == per_s[64] == [expected] * world
 
 
@@ -350,6 +351,26 @@ def test_down_proj_bias():
 
 def _bad_chunk_rank():
     InPlaceTTTMLP(GatedMLP(D, FF), chunk_size=8, layout="zigzag")(torch.zeros(1, 12, D))
+
+
+def _mismatched_rank(sizes=None):
+    rank = torch.distributed.get_rank()
+    group = None if sizes is None else cp_mesh(hierarchical_context_parallel_sizes=sizes)
+    InPlaceTTTMLP(GatedMLP(D, FF), chunk_size=4, group=group)(torch.zeros(1, 20 if rank == 3 else 16, D))
+
+
+def test_shards_that_differ_across_ranks_fail_on_every_rank(run_ranks):
+    for sizes in (None, [2, 2]):
+        with pytest.raises(RankError) as info:
+            run_ranks(4, _mismatched_rank, sizes)
+        assert set(info.value.exc_types) == {0, 1, 2, 3}
+        assert set(info.value.exc_types.values()) == {"ValueError"}
+        if sizes is None:
+            assert all("S_local differs on rank(s) [3] (values by rank: [16, 16, 16, 20])" in f
+                       for f in info.value.failures.values())
+        else:  # rank 0 shares neither group with rank 3: it learns of the mismatch by a flag
+            assert "another rank of the mesh found a mismatch" in info.value.failures[0]
+            assert "S_local differs on rank(s) [1]" in info.value.failures[3]
 
 
 def _step_without_state_rank():

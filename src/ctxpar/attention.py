@@ -18,7 +18,6 @@ import math
 
 import torch
 
-from . import comms
 from .allgather import allgather_attention
 from .checks import check_consistent_args
 from .hybrid import hybrid_attention
@@ -158,8 +157,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
     if check_args:
         # Before any method-specific check: a rank whose arguments differ must fail in the
         # agreement check together with its peers, not alone (which would hang them).
-        _check_consistent(topo, q, k, causal=cfg.causal, window=cfg.window, layout=cfg.layout,
-                          method=cfg.method, cu_seqlens=cu_seqlens)
+        check_consistent_args(topo, q, k, causal=cfg.causal, window=cfg.window,
+                              layout=cfg.layout, method=cfg.method, cu_seqlens=cu_seqlens)
     hq, hkv = q.shape[2], k.shape[2]
     method = choose_method(topo, hq, hkv) if cfg.method == "auto" else cfg.method
     if method == "hybrid" and not topo.is_mesh:
@@ -196,27 +195,3 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
         out, lse = hybrid_attention(q, k, v, topo=topo, return_lse=return_lse, **common)
     return (out, lse) if return_lse else out
 
-
-def _check_consistent(topo: CPTopology, q, k, **fields) -> None:
-    """``check_consistent_args`` over the whole CP group. On a mesh it runs in the Ulysses
-    and in the ring group, every rank taking part in both whatever it finds, and then a
-    one-element "someone failed" flag is OR-ed over the Ulysses and then the ring group,
-    which reaches every rank of the mesh: all raise together, none is left waiting."""
-    if not topo.is_mesh:
-        check_consistent_args(topo.ring, q, k, **fields)
-        return
-    error = None
-    for grp in (topo.ulysses, topo.ring):
-        try:
-            check_consistent_args(grp, q, k, **fields)
-        except ValueError as e:
-            error = error or e
-    flag = torch.tensor([int(error is not None)], dtype=torch.int64, device=q.device)
-    for grp in (topo.ulysses, topo.ring):
-        if grp.size > 1:
-            flag = comms.all_gather(grp, flag).amax(0)
-    if error is not None:
-        raise error
-    if int(flag.item()):
-        raise ValueError("ctxpar.attention arguments must agree across the CP mesh; another rank "
-                         "of the mesh found a mismatch (see its error for the field)")

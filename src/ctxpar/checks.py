@@ -16,13 +16,14 @@ import zlib
 import torch
 
 from .comms import CPGroup, all_gather
+from .mesh import CPTopology
 
-__all__ = ["check_consistent_args"]
+__all__ = ["check_agree", "check_agree_on", "check_consistent_args"]
 
 _DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
-def _code(text: str) -> int:
+def text_code(text: str) -> int:
     return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
 
@@ -33,10 +34,10 @@ def cu_checksum(cu_seqlens) -> int:
     return zlib.crc32(",".join(str(int(x)) for x in values).encode()) & 0x7FFFFFFF
 
 
-def check_consistent_args(grp: CPGroup, q: torch.Tensor, k: torch.Tensor, *, causal: bool,
+def check_consistent_args(topo: CPTopology, q: torch.Tensor, k: torch.Tensor, *, causal: bool,
                           window, layout: str, method: str, cu_seqlens=None) -> None:
-    """Raise ValueError on every rank if these arguments differ between ranks."""
-    if grp.size == 1:
+    """Raise ValueError on every rank if these attention arguments differ between ranks."""
+    if topo.size == 1:
         return
     fields = {
         "batch": q.shape[0],
@@ -44,15 +45,53 @@ def check_consistent_args(grp: CPGroup, q: torch.Tensor, k: torch.Tensor, *, cau
         "Hq": q.shape[2],
         "Hkv": k.shape[2],
         "head_dim": q.shape[3],
-        "dtype": _DTYPES.index(q.dtype) if q.dtype in _DTYPES else _code(str(q.dtype)),
+        "dtype": dtype_code(q.dtype),
         "causal": int(bool(causal)),
         "window_left": int(window[0]),
         "window_right": int(window[1]),
-        "layout": _code(layout),
-        "method": _code(method),
+        "layout": text_code(layout),
+        "method": text_code(method),
         "cu_seqlens checksum": cu_checksum(cu_seqlens),
     }
-    mine = torch.tensor(list(fields.values()), dtype=torch.int64, device=q.device)
+    check_agree_on(topo, fields, "ctxpar.attention arguments", device=q.device)
+
+
+def check_agree_on(topo: CPTopology, fields: dict[str, int], what: str, device=None) -> None:
+    """:func:`check_agree` over a whole CP group. On a mesh it runs in the Ulysses and in
+    the ring group, every rank taking part in both whatever it finds, and then a
+    one-element "someone failed" flag is OR-ed over the Ulysses and then the ring group,
+    which reaches every rank of the mesh: all raise together, none is left waiting."""
+    if not topo.is_mesh:
+        check_agree(topo.ring, fields, what, device)
+        return
+    error = None
+    for grp in (topo.ulysses, topo.ring):
+        try:
+            check_agree(grp, fields, what, device)
+        except ValueError as e:
+            error = error or e
+    flag = torch.tensor([int(error is not None)], dtype=torch.int64, device=device)
+    for grp in (topo.ulysses, topo.ring):
+        if grp.size > 1:
+            flag = all_gather(grp, flag).amax(0)
+    if error is not None:
+        raise error
+    if int(flag.item()):
+        raise ValueError(f"{what} must agree across the CP mesh; another rank of the mesh found "
+                         "a mismatch (see its error for the field)")
+
+
+# Fields whose values are printed per rank (the others are codes or checksums).
+_SHOWN = ("batch", "S_local", "Hq", "Hkv", "head_dim", "causal", "window_left", "window_right",
+          "hidden", "chunk_size")
+
+
+def check_agree(grp: CPGroup, fields: dict[str, int], what: str, device=None) -> None:
+    """Raise the same ValueError on every rank of ``grp`` if any of the int ``fields``
+    differs between ranks, naming the field and the odd rank(s)."""
+    if grp.size == 1:
+        return
+    mine = torch.tensor(list(fields.values()), dtype=torch.int64, device=device)
     table = all_gather(grp, mine).cpu()
     if bool((table == table[0]).all()):
         return
@@ -63,9 +102,10 @@ def check_consistent_args(grp: CPGroup, q: torch.Tensor, k: torch.Tensor, *, cau
             # Name the minority ranks: those whose value differs from the most common one.
             common = max(set(col), key=col.count)
             odd = [r for r, x in enumerate(col) if x != common]
-            shown = col if name in ("batch", "S_local", "Hq", "Hkv", "head_dim", "causal",
-                                    "window_left", "window_right") else None
-            detail = f" (values by rank: {shown})" if shown is not None else ""
+            detail = f" (values by rank: {col})" if name in _SHOWN else ""
             problems.append(f"{name} differs on rank(s) {odd}{detail}")
-    raise ValueError("ctxpar.attention arguments must agree across the CP group: "
-                     + "; ".join(problems))
+    raise ValueError(f"{what} must agree across the CP group: " + "; ".join(problems))
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else text_code(str(dtype))

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_agree_on, cu_checksum, dtype_code, text_code
 from .comms import all_reduce
 from .mesh import resolve_topology
 from .packing import cp_runs
@@ -69,6 +70,7 @@ class TTTConfig:
     layout: str = "contiguous"         # CP sequence layout: "contiguous" or "zigzag"
     scan_algorithm: str = "allgather"  # see ctxpar.scan.ALGORITHMS
     overlap: bool = True               # see ctxpar.ttt_ops: gather during the chunk loop
+    check_args: bool = True            # one small all-gather per call: shapes agree across ranks
 
     def __post_init__(self):
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
@@ -229,6 +231,8 @@ class InPlaceTTTMLP(nn.Module):
             cu_seqlens = self._document_tap.value
         if x.dim() != 3:
             raise ValueError(f"expected x of shape [batch, seq, hidden], got {tuple(x.shape)}")
+        if self.config.check_args:
+            self._check_agree(x, cu_seqlens)
         plan = self.plan(x.shape[1], cu_seqlens)
         z = self.activations(x)
         v = self.targets(self._target_source(x, embeddings))
@@ -257,6 +261,15 @@ class InPlaceTTTMLP(nn.Module):
             all_reduce(grp, delta)
         return TTTState(delta, x.new_zeros(x.shape[0], 0, x.shape[2]),
                         z.new_zeros(x.shape[0], 0, z.shape[2]).detach(), x.shape[1] * topo.size)
+
+    def _check_agree(self, x: torch.Tensor, cu_seqlens) -> None:
+        """Different shard shapes on two ranks would give them different plans, so wrong
+        carries or a hung gather: fail on every rank instead (ValueError naming the ranks)."""
+        c = self.config
+        fields = {"batch": x.shape[0], "S_local": x.shape[1], "hidden": x.shape[2],
+                  "dtype": dtype_code(x.dtype), "layout": text_code(c.layout),
+                  "chunk_size": c.chunk_size, "cu_seqlens checksum": cu_checksum(cu_seqlens)}
+        check_agree_on(resolve_topology(self.group), fields, "InPlaceTTTMLP inputs", device=x.device)
 
     def _chunk_delta(self, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """ΔW = V̂ᵀ Z of one chunk ``[B, D, F]``, Frobenius-clipped if configured."""
