@@ -17,7 +17,7 @@ import json
 import torch
 
 from ctxpar.comms import CPGroup
-from ctxpar.kernels import acc_dtype, block_backward, block_forward, merge_into
+from ctxpar.kernels import OutputAccumulator, block_backward, block_forward
 from ctxpar.layouts import shard
 from ctxpar.masks import plan_tiles
 
@@ -68,16 +68,14 @@ def main(argv=None):
 
     def fwd_all():
         for r in range(N):
-            b, sl, h, d = qs[r].shape
-            out = torch.zeros(b, sl, h, d, device=dev, dtype=acc_dtype(dt))
-            lse = torch.full((b, h, sl), float("-inf"), device=dev, dtype=acc_dtype(dt))
+            acc = OutputAccumulator(qs[r], D, plans[r][0][0] if plans[r][0] else None)
             for s in range(N):
                 src = (r - s) % N
                 for t in plans[r][s]:
                     o, l = block_forward(qs[r][:, t.q0:t.q1], ks[src][:, t.k0:t.k1], vs[src][:, t.k0:t.k1],
                                          band=t.band, scale=scale)
-                    merge_into(out[:, t.q0:t.q1], lse[:, :, t.q0:t.q1], o, l)
-            outs[r], lses[r] = out.to(dt), lse
+                    acc.add(t, o, l)
+            outs[r], lses[r] = acc.out.to(dt), acc.lse
 
     def bwd_all():
         for r in range(N):

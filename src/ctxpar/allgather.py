@@ -30,7 +30,7 @@ import torch
 
 from . import comms
 from .comms import CPGroup
-from .kernels import acc_dtype, block_backward, block_forward, merge_into
+from .kernels import OutputAccumulator, acc_dtype, block_backward, block_forward
 from .masks import plan_segments
 from .packing import ShardSpec
 
@@ -55,12 +55,9 @@ class _AllGatherAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, grp: CPGroup, spec: ShardSpec, causal: bool, window, scale: float,
                 backend: str):
         plans = _plans(grp, spec, causal, window)
-        b, sq, hq, _ = q.shape
-        cdt = acc_dtype(q.dtype)
         local = torch.stack([k, v])  # [2, B, Sl, Hkv, D]: one collective for K and V
         gathered, work = comms.all_gather(grp, local, async_op=True)  # [N, 2, B, Sl, Hkv, D]
-        out = torch.zeros(b, sq, hq, v.shape[-1], dtype=cdt, device=q.device)
-        lse = torch.full((b, hq, sq), float("-inf"), dtype=cdt, device=q.device)
+        acc = OutputAccumulator(q, v.shape[-1], plans[0][1][0] if plans and plans[0][1] else None)
         waited = False
         for src, tiles in plans:
             if src == grp.rank:
@@ -74,10 +71,10 @@ class _AllGatherAttention(torch.autograd.Function):
                 comms._record_compute("block_fwd", t.score_elements)
                 o_b, l_b = block_forward(q[:, t.q0:t.q1], kv[0, :, t.k0:t.k1], kv[1, :, t.k0:t.k1],
                                          band=t.band, scale=scale, backend=backend)
-                merge_into(out[:, t.q0:t.q1], lse[:, :, t.q0:t.q1], o_b, l_b)
+                acc.add(t, o_b, l_b)
         if not waited:
             work.wait()  # nothing needed the other blocks (e.g. contiguous rank 0, causal)
-        out = out.to(q.dtype)
+        out, lse = acc.out.to(q.dtype), acc.lse
         ctx.save_for_backward(q, gathered, out, lse)
         ctx.grp, ctx.plans, ctx.scale, ctx.backend = grp, plans, scale, backend
         ctx.kv_dtypes = (k.dtype, v.dtype)

@@ -27,7 +27,8 @@ import torch
 from . import kernels_cuda
 from .masks import Band
 
-__all__ = ["block_forward", "block_backward", "merge_into", "BACKENDS", "pick_backend"]
+__all__ = ["block_forward", "block_backward", "merge_into", "OutputAccumulator", "BACKENDS",
+           "pick_backend"]
 
 BACKENDS = ("auto", "cpu_flash", "cuda_flash", "cuda_efficient", "math")
 _NEG_INF = float("-inf")
@@ -264,3 +265,34 @@ def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_b: torch.Tensor
     w = w.masked_fill_(lse_b == _NEG_INF, 0.0)
     out_acc.sub_((out_acc - out_b) * w.transpose(1, 2).unsqueeze(-1))
     torch.logaddexp(lse_acc, lse_b, out=lse_acc)
+
+
+class OutputAccumulator:
+    """Running ``out [B, S, H, D]`` and ``lse [B, H, S]`` (fp32/fp64) that block results are
+    merged into (:func:`merge_into`). When the first block added covers every query row
+    (the diagonal block of every balanced layout) it is copied in: no zero/-inf fill and
+    no merge pass for it, one of N merges saved per call."""
+
+    def __init__(self, q: torch.Tensor, head_dim_v: int, first_tile=None):
+        b, sq, hq, _ = q.shape
+        cdt = acc_dtype(q.dtype)
+        covers = first_tile is not None and first_tile.q0 == 0 and first_tile.q1 == sq
+        self._copy = first_tile if covers else None  # the tile to copy in, until it is added
+        if covers:
+            self.out = torch.empty(b, sq, hq, head_dim_v, dtype=cdt, device=q.device)
+            self.lse = torch.empty(b, hq, sq, dtype=cdt, device=q.device)
+        else:
+            self.out = torch.zeros(b, sq, hq, head_dim_v, dtype=cdt, device=q.device)
+            self.lse = torch.full((b, hq, sq), _NEG_INF, dtype=cdt, device=q.device)
+
+    def add(self, tile, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+        """Fold the block result of ``tile`` (rows ``tile.q0:tile.q1``) in. The tile named
+        at construction must be the first one added."""
+        if self._copy is not None:
+            if tile is not self._copy:
+                raise RuntimeError("OutputAccumulator: the covering tile must be added first")
+            self._copy = None
+            self.out.copy_(out_b)
+            self.lse.copy_(lse_b)
+            return
+        merge_into(self.out[:, tile.q0:tile.q1], self.lse[:, :, tile.q0:tile.q1], out_b, lse_b)

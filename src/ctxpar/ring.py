@@ -21,7 +21,7 @@ import torch
 
 from . import comms
 from .comms import CPGroup
-from .kernels import acc_dtype, block_backward, block_forward, merge_into
+from .kernels import OutputAccumulator, acc_dtype, block_backward, block_forward
 from .masks import Tile, plan_segments, ring_steps
 from .packing import ShardSpec
 from .trace import StepTimer
@@ -50,10 +50,7 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, grp: CPGroup, spec: ShardSpec, causal: bool, window, scale: float,
                 backend: str):
         steps, plans = _plan(grp, spec, causal, window)
-        b, sq, hq, d = q.shape
-        cdt = acc_dtype(q.dtype)
-        out = torch.zeros(b, sq, hq, v.shape[-1], dtype=cdt, device=q.device)
-        lse = torch.full((b, hq, sq), float("-inf"), dtype=cdt, device=q.device)
+        acc = OutputAccumulator(q, v.shape[-1], plans[0][0] if plans[0] else None)
         # Double buffer: compute on `cur` while `nxt` is being received.
         cur = torch.stack([k, v])  # k and v have one shape (checked by ctxpar.attention)
         nxt = torch.empty_like(cur) if steps > 1 else None
@@ -68,13 +65,13 @@ class _RingAttention(torch.autograd.Function):
             for t in tiles:
                 o_b, l_b = block_forward(q[:, t.q0:t.q1], cur[0, :, t.k0:t.k1], cur[1, :, t.k0:t.k1],
                                          band=t.band, scale=scale, backend=backend)
-                merge_into(out[:, t.q0:t.q1], lse[:, :, t.q0:t.q1], o_b, l_b)
+                acc.add(t, o_b, l_b)
             timer.mark(s, "compute")
             if pending is not None:
                 pending.wait()
                 cur, nxt = nxt, cur
             timer.mark(s, "wait")
-        out = out.to(q.dtype)
+        out, lse = acc.out.to(q.dtype), acc.lse
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.grp, ctx.plans, ctx.steps = grp, plans, steps
         ctx.scale, ctx.backend = scale, backend
