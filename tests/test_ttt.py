@@ -212,8 +212,8 @@ def test_bytes_per_rank_do_not_depend_on_sequence_length(run_ranks):
         per_s[seq] = [r["bytes"] for r in run_ranks(world, _cp_rank, "float32", "contiguous", None, None,
                                                      "allgather", seq)]
     # One all-gather of the fp32 block summary [B, D, F] forward, one backward, and the
-    # argument check's all-gather of 7 int64 fields.
-    expected = 2 * (world - 1) * B * D * FF * 4 + (world - 1) * 7 * 8
+    # argument check's all-gather of 8 int64 fields.
+    expected = 2 * (world - 1) * B * D * FF * 4 + (world - 1) * 8 * 8
     assert per_s[32] == per_s[64] == [expected] * world
 
 
@@ -359,7 +359,18 @@ def _mismatched_rank(sizes=None):
     InPlaceTTTMLP(GatedMLP(D, FF), chunk_size=4, group=group)(torch.zeros(1, 20 if rank == 3 else 16, D))
 
 
+def _embeddings_missing_on_one_rank():
+    rank = torch.distributed.get_rank()
+    layer = InPlaceTTTMLP(GatedMLP(D, FF), chunk_size=4, target="embeddings", scan_algorithm="ring")
+    x = torch.zeros(1, 8, D)
+    layer(x, embeddings=None if rank == 1 else torch.zeros_like(x))
+
+
 def test_shards_that_differ_across_ranks_fail_on_every_rank(run_ranks):
+    with pytest.raises(RankError) as info:  # would hang rank 0 in the ring scan otherwise
+        run_ranks(2, _embeddings_missing_on_one_rank)
+    assert set(info.value.exc_types) == {0, 1}
+    assert all("target source ok differs on rank(s)" in f for f in info.value.failures.values())
     for sizes in (None, [2, 2]):
         with pytest.raises(RankError) as info:
             run_ranks(4, _mismatched_rank, sizes)
@@ -371,6 +382,14 @@ def test_shards_that_differ_across_ranks_fail_on_every_rank(run_ranks):
         else:  # rank 0 shares neither group with rank 3: it learns of the mismatch by a flag
             assert "another rank of the mesh found a mismatch" in info.value.failures[0]
             assert "S_local differs on rank(s) [1]" in info.value.failures[3]
+
+
+def _packed_misaligned_rank():
+    # zigzag on 3 ranks cuts one 6-token document into pieces of 1: with chunk_size=2 rank 2
+    # holds the aligned run (2, 2), ranks 0 and 1 runs of 1 token.
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    x = ctxpar.shard_packed(torch.zeros(1, 6, D), cu, layout="zigzag").tokens
+    InPlaceTTTMLP(GatedMLP(D, FF), chunk_size=2, layout="zigzag")(x, cu_seqlens=cu)
 
 
 def _step_without_state_rank():
@@ -386,7 +405,12 @@ def test_validation_errors(run_ranks):
         run_ranks(2, _bad_chunk_rank)
     assert set(info.value.exc_types.values()) == {"ValueError"}
     assert "chunk_size=8 does not divide the shard" in info.value.failures[1]
-    assert "12 tokens in runs (start, length) [(6, 6), (12, 6)]" in info.value.failures[1]
+    assert "12 tokens in runs (start, length) [(6, 12)]" in info.value.failures[1]  # touching runs join
+    # Only some ranks' runs are misaligned: every rank must still raise (none left waiting).
+    with pytest.raises(RankError) as info:
+        run_ranks(3, _packed_misaligned_rank)
+    assert set(info.value.exc_types) == {0, 1, 2} and set(info.value.exc_types.values()) == {"ValueError"}
+    assert "CP rank 0" in info.value.failures[2]
     with pytest.raises(RankError) as info:
         run_ranks(2, _step_without_state_rank)
     assert all("prefill under CP with forward() and prefill_state()" in f for f in info.value.failures.values())

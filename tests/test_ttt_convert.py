@@ -60,6 +60,19 @@ def test_convert_options_and_errors():
         convert(_model(layers=2), layers=[7])
 
 
+def test_document_boundaries_reach_the_mlp_only_during_its_layer():
+    model = _model(layers=1)
+    convert(model, layers=[0], chunk_size=4)
+    layer, seen = model.model.layers[0], []
+    layer.mlp.register_forward_pre_hook(lambda m, args: seen.append(m._document_tap.value))
+    cu = torch.tensor([0, 8, 16], dtype=torch.int32)
+    model(torch.randint(0, 100, (1, 16)), cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=8, max_length_k=8)
+    assert seen and torch.equal(seen[0], cu) and layer.mlp._document_tap.value is None
+    with pytest.raises(Exception):  # a layer that raises still clears the boundaries
+        layer(torch.zeros(1, 16, 3), cu_seq_lens_q=cu)
+    assert layer.mlp._document_tap.value is None
+
+
 # --------------------------------------------------------------------- training under CP
 
 

@@ -267,8 +267,22 @@ def cp_runs(layout: str, topo: CPTopology, local_len: int, cu_seqlens=None):
     starts in it (``[0]`` without ``cu_seqlens``). With ``cu_seqlens`` the tokens are those of
     :func:`shard_packed` (the library's convention for packed batches), else of
     :func:`ctxpar.shard`. Stride-1 layouts only (contiguous, zigzag)."""
+    if layout not in ("contiguous", "zigzag"):
+        raise ValueError(f"cp_runs takes layout 'contiguous' or 'zigzag' (runs of consecutive "
+                         f"tokens); got {layout!r}")
     docs = None if cu_seqlens is None else _cu_tuple(cu_seqlens)
     return _cp_runs(layout, topo.ring.size, topo.ulysses.size, local_len, docs)
+
+
+def _merge_runs(runs) -> tuple:
+    """Join runs that touch (zigzag blocks N-1 and N; pieces of an odd Ulysses split)."""
+    out = []
+    for start, n in runs:
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((start, n))
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=64)
@@ -277,7 +291,7 @@ def _cp_runs(layout, p2p, a2a, local_len, docs):
     if docs is None:
         topo = CPTopology(CPGroup(None, 0, p2p), CPGroup(None, 0, a2a))
         seq_len = local_len * size
-        runs = tuple(tuple((s.start, s.length) for s in cp_segments(layout, topo, seq_len, rank=(r, u)))
+        runs = tuple(_merge_runs((s.start, s.length) for s in cp_segments(layout, topo, seq_len, rank=(r, u)))
                      for r in range(p2p) for u in range(a2a))
         return runs, seq_len, (0,)
     spec = ShardSpec(layout, p2p, padded_length(docs, layout, p2p, a2a), docs, a2a)

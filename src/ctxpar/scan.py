@@ -44,7 +44,7 @@ Algorithms (all give the same result up to the order of the additions)
 On a hierarchical mesh only ``allgather`` runs (two stages: inside the Ulysses group, then
 across the ring); the other two need messages between arbitrary CP ranks.
 
-For zigzag, M = 2N, so Hillis-Steele takes ceil(log2 2N) rounds and the ring's carry goes
+For zigzag on a 1-D group, M = 2N, so Hillis-Steele takes ceil(log2 2N) rounds and the ring's carry goes
 up ranks 0..N-1 and back down N-1..0 (2(N-1) messages): the element order is a path
 through the ranks, and both algorithms are written once for an arbitrary owner map.
 ``allgather`` is the one that can be started asynchronously (:func:`start_scan`), so that

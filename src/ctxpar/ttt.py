@@ -36,7 +36,6 @@ for the fast path, its backward and its memory.
 """
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import math
 
@@ -47,9 +46,8 @@ from torch import nn
 from .checks import check_agree_on, cu_checksum, dtype_code, text_code
 from .comms import all_reduce
 from .mesh import resolve_topology
-from .packing import cp_runs
 from .scan import ALGORITHMS, acc_dtype
-from .ttt_ops import Block, Plan, TTTApply
+from .ttt_ops import Plan, TTTApply, build_plan, chunk_resets
 
 __all__ = ["TTTConfig", "InPlaceTTTMLP", "TTTState", "convert", "chunk_resets"]
 
@@ -94,20 +92,6 @@ class TTTConfig:
             raise ValueError(f"layout must be 'contiguous' or 'zigzag', got {self.layout!r}")
         if self.scan_algorithm not in ALGORITHMS:
             raise ValueError(f"scan_algorithm must be one of {ALGORITHMS}, got {self.scan_algorithm!r}")
-
-
-def chunk_resets(cu_seqlens, seq_len: int, chunk: int, start: int, n_chunks: int) -> tuple[bool, ...]:
-    """Reset flags of global chunks ``start .. start+n_chunks-1``: True where a document
-    starts inside the chunk. ``cu_seqlens``: ``[0, ..., seq_len]``, non-decreasing."""
-    cu = [int(x) for x in torch.as_tensor(cu_seqlens).reshape(-1).tolist()]
-    if len(cu) < 2 or cu[0] != 0 or cu[-1] != seq_len or any(b < a for a, b in zip(cu, cu[1:])):
-        raise ValueError(f"cu_seqlens must run non-decreasing from 0 to the global length {seq_len}; got {cu}")
-    starts = sorted(set(cu[:-1]))
-    flags = []
-    for i in range(start, start + n_chunks):
-        k = bisect.bisect_left(starts, i * chunk)
-        flags.append(k < len(starts) and starts[k] < (i + 1) * chunk)
-    return tuple(flags)
 
 
 @dataclasses.dataclass
@@ -195,31 +179,8 @@ class InPlaceTTTMLP(nn.Module):
         return embeddings
 
     def plan(self, local_len: int, cu_seqlens=None) -> Plan:
-        """This rank's blocks of chunks (one per run of consecutive tokens of its shard),
-        with their reset flags; the chunk grid is that of the (padded) global sequence."""
-        cfg, topo = self.config, resolve_topology(self.group)
-        c = cfg.chunk_size
-        runs, seq_len, starts = cp_runs(cfg.layout, topo, local_len, cu_seqlens)
-        order = {x: e for e, x in enumerate(sorted(start for rank in runs for start, _ in rank))}
-        held = tuple(tuple(order[start] for start, _ in rank) for rank in runs)
-        bad = [(start, n) for start, n in runs[topo.rank] if start % c or n % c]
-        if bad:
-            where = f"{topo.size} rank(s)" if not topo.is_mesh else f"a mesh of sizes {topo.sizes} ([a2a, p2p])"
-            raise ValueError(
-                f"chunk_size={c} does not divide the shard: layout={cfg.layout!r} on {where} gives "
-                f"this rank {local_len} tokens in runs (start, length) {list(runs[topo.rank])}, which "
-                "must start and end on chunk boundaries" + (
-                    f" (packed zigzag: every document must pad to a multiple of 2 x {topo.size} x "
-                    f"{c} tokens)" if cu_seqlens is not None and cfg.layout == "zigzag" else ""))
-        resets = None if cu_seqlens is None else tuple(starts) + (seq_len,)
-        blocks, row = [], 0
-        for (start, n), elem in zip(runs[topo.rank], held[topo.rank]):
-            flags = (chunk_resets(resets, seq_len, c, start // c, n // c) if resets is not None
-                     else (False,) * (n // c))
-            blocks.append(Block(row, n, elem, flags))
-            row += n
-        return Plan(c, tuple(blocks), len(order), topo, cfg.layout, cfg.scan_algorithm,
-                    cfg.clip_tau, cu_seqlens is not None, cfg.overlap, held)
+        """This rank's blocks of chunks, with their reset flags (see :func:`build_plan`)."""
+        return build_plan(self.config, resolve_topology(self.group), local_len, cu_seqlens)
 
     # ------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *, embeddings=None, cu_seqlens=None) -> torch.Tensor:
@@ -231,14 +192,16 @@ class InPlaceTTTMLP(nn.Module):
             cu_seqlens = self._document_tap.value
         if x.dim() != 3:
             raise ValueError(f"expected x of shape [batch, seq, hidden], got {tuple(x.shape)}")
-        if self.config.check_args:
-            self._check_agree(x, cu_seqlens)
+        source, error = self._checked_target_source(x, embeddings, cu_seqlens)
+        if error is not None:
+            raise error
         plan = self.plan(x.shape[1], cu_seqlens)
         z = self.activations(x)
-        v = self.targets(self._target_source(x, embeddings))
+        v = self.targets(source)
         return TTTApply.apply(z, v, self.down_proj.weight, self.down_proj.bias, self.ttt_eta, plan)
 
     # ----------------------------------------------------------------------- streaming
+    @torch.no_grad()
     def prefill_state(self, x: torch.Tensor, *, embeddings=None) -> TTTState:
         """The streaming state after a prefill run under CP: ``x`` is this rank's shard
         ``[B, S_local, D]`` of a prompt of whole chunks, as given to :meth:`forward`. Every
@@ -246,30 +209,45 @@ class InPlaceTTTMLP(nn.Module):
         all-reduce of a ``[B, D, F]`` carry), ready for :meth:`step` on the tokens that
         follow, on any process."""
         topo = resolve_topology(self.group)
+        source, error = self._checked_target_source(x, embeddings, None)
+        if error is not None:
+            raise error
         self.plan(x.shape[1])  # checks that the shard is whole chunks
         acc = acc_dtype(self.down_proj.weight.dtype)
         z = self.activations(x)
-        v = self.targets(self._target_source(x, embeddings))
+        v = self.targets(source)
         c = self.config.chunk_size
         if self.config.clip_tau is None:  # Σ_i V̂_iᵀ Z_i is one product over all rows
             delta = torch.bmm(v.to(acc).transpose(1, 2), z.to(acc))
         else:
             delta = sum(self._chunk_delta(v[:, i:i + c].to(acc), z[:, i:i + c].to(acc))
                         for i in range(0, x.shape[1], c))
-        delta = delta.detach().contiguous()
+        delta = delta.contiguous()
         for grp in (topo.ulysses, topo.ring):
             all_reduce(grp, delta)
         return TTTState(delta, x.new_zeros(x.shape[0], 0, x.shape[2]),
-                        z.new_zeros(x.shape[0], 0, z.shape[2]).detach(), x.shape[1] * topo.size)
+                        z.new_zeros(x.shape[0], 0, z.shape[2]), x.shape[1] * topo.size)
 
-    def _check_agree(self, x: torch.Tensor, cu_seqlens) -> None:
-        """Different shard shapes on two ranks would give them different plans, so wrong
-        carries or a hung gather: fail on every rank instead (ValueError naming the ranks)."""
-        c = self.config
-        fields = {"batch": x.shape[0], "S_local": x.shape[1], "hidden": x.shape[2],
-                  "dtype": dtype_code(x.dtype), "layout": text_code(c.layout),
-                  "chunk_size": c.chunk_size, "cu_seqlens checksum": cu_checksum(cu_seqlens)}
-        check_agree_on(resolve_topology(self.group), fields, "InPlaceTTTMLP inputs", device=x.device)
+    def _checked_target_source(self, x, embeddings, cu_seqlens):
+        """The target source, or the error to raise, after the cross-rank agreement check
+        (``check_args``): different shard shapes or options on two ranks would give them
+        different plans, so wrong carries or a hung collective; they fail on every rank
+        instead (ValueError naming the ranks). A bad ``embeddings`` argument is one of the
+        checked fields, so a rank never raises it alone while its peers wait."""
+        try:
+            source, error = self._target_source(x, embeddings), None
+        except ValueError as e:
+            source, error = None, e
+        if self.config.check_args:
+            c = self.config
+            options = f"{c.layout} {c.scan_algorithm} {c.clip_tau!r} {c.target} {c.conv_kernel}"
+            fields = {"batch": x.shape[0], "S_local": x.shape[1], "hidden": x.shape[2],
+                      "dtype": dtype_code(x.dtype), "chunk_size": c.chunk_size,
+                      "options (layout, scan, clip, target, conv)": text_code(options),
+                      "target source ok": int(error is None),
+                      "cu_seqlens checksum": cu_checksum(cu_seqlens)}
+            check_agree_on(resolve_topology(self.group), fields, "InPlaceTTTMLP inputs", device=x.device)
+        return source, error
 
     def _chunk_delta(self, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """ΔW = V̂ᵀ Z of one chunk ``[B, D, F]``, Frobenius-clipped if configured."""
@@ -394,6 +372,7 @@ def convert(model: nn.Module, *, layers=None, chunk_size: int = 1024, every: int
         new._embedding_tap = tap
         new._document_tap = _DocumentTap()
         stack[i].register_forward_pre_hook(new._document_tap.enter, with_kwargs=True)
-        stack[i].register_forward_hook(new._document_tap.leave, with_kwargs=True)
+        # always_call: cleared even when the layer raises, so no stale boundaries linger.
+        stack[i].register_forward_hook(new._document_tap.leave, with_kwargs=True, always_call=True)
         stack[i].mlp = new
     return model

@@ -27,7 +27,8 @@ its cross-block part Q is the reverse scan of block summaries):
     ∂W_0 = Σ_i A_i,               ∂η = ⟨G, Y⟩ + Σ_blocks ⟨P, A over the carried rows⟩.
 
 Saved for backward: z, v, W_0, η, Y ``[B, S, D]`` (only when η needs a gradient), the
-carries P ``[m, B, D, F]``: O(|W|) besides the activations, never O(K·|W|), and nothing
+carries P ``[m, B, D, F]`` (m runs: 1 or 2, or per document with packed zigzag): O(m·|W|)
+besides the activations, never O(K·|W|) in the number of chunks K, and nothing
 per chunk (the clip factors are recomputed with ΔW). The backward recomputes ΔW_i (one pass
 forward for E_i, one pass in reverse for U_i) instead of storing it. Parameter gradients are
 this rank's share; sum them over the CP group like any replicated parameter's.
@@ -38,15 +39,17 @@ the wrapped MLP at init) and the fast-weight correction is added in float32.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 
 import torch
 import torch.nn.functional as F
 
 from .mesh import CPTopology
+from .packing import cp_runs
 from .scan import acc_dtype, start_scan
 
-__all__ = ["Block", "Plan", "TTTApply"]
+__all__ = ["Block", "Plan", "TTTApply", "build_plan", "chunk_resets"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +93,58 @@ class Plan:
             return None
         vals = [0.0 if any(b.flags) else 1.0 for b in self.blocks]
         return torch.tensor(vals, dtype=dtype, device=device).view(-1, 1, 1, 1)
+
+
+def chunk_resets(cu_seqlens, seq_len: int, chunk: int, start: int, n_chunks: int) -> tuple[bool, ...]:
+    """Reset flags of global chunks ``start .. start+n_chunks-1``: True where a document
+    starts inside the chunk. ``cu_seqlens``: ``[0, ..., seq_len]``, non-decreasing."""
+    cu = [int(x) for x in torch.as_tensor(cu_seqlens).reshape(-1).tolist()]
+    if len(cu) < 2 or cu[0] != 0 or cu[-1] != seq_len or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must run non-decreasing from 0 to the global length {seq_len}; got {cu}")
+    starts = sorted(set(cu[:-1]))
+    flags = []
+    for i in range(start, start + n_chunks):
+        k = bisect.bisect_left(starts, i * chunk)
+        flags.append(k < len(starts) and starts[k] < (i + 1) * chunk)
+    return tuple(flags)
+
+
+
+def build_plan(cfg, topo: CPTopology, local_len: int, cu_seqlens=None) -> Plan:
+    """This rank's blocks of chunks (one per run of consecutive tokens of its shard), with
+    their reset flags; the chunk grid is that of the (padded) global sequence. ``cfg`` is
+    a :class:`ctxpar.ttt.TTTConfig`.
+
+    Cost: one scan element, so one ``[B, D, F]`` carry, per run. That is 1 or 2 per rank
+    for plain shards, but packed zigzag balances each document on its own (two pieces per
+    document per rank, touching pieces merged), so its carries and gathered bytes grow
+    with the number of documents."""
+    c = cfg.chunk_size
+    runs, seq_len, starts = cp_runs(cfg.layout, topo, local_len, cu_seqlens)
+    order = {x: e for e, x in enumerate(sorted(start for rank in runs for start, _ in rank))}
+    held = tuple(tuple(order[start] for start, _ in rank) for rank in runs)
+    # Every rank knows every rank's runs: check them all, so that all ranks raise
+    # together instead of the aligned ones waiting in the scan's gather.
+    bad = [q for q, rank in enumerate(runs) if any(start % c or n % c for start, n in rank)]
+    if bad:
+        q = topo.rank if topo.rank in bad else bad[0]
+        who = "this rank" if q == topo.rank else f"CP rank {q}"
+        where = f"{topo.size} rank(s)" if not topo.is_mesh else f"a mesh of sizes {topo.sizes} ([a2a, p2p])"
+        raise ValueError(
+            f"chunk_size={c} does not divide the shard: layout={cfg.layout!r} on {where} gives "
+            f"{who} {local_len} tokens in runs (start, length) {list(runs[q])}, which "
+            "must start and end on chunk boundaries" + (
+                f" (packed zigzag: every document must pad to a multiple of 2 x {topo.size} x "
+                f"{c} tokens)" if cu_seqlens is not None and cfg.layout == "zigzag" else ""))
+    resets = None if cu_seqlens is None else tuple(starts) + (seq_len,)
+    blocks, row = [], 0
+    for (start, n), elem in zip(runs[topo.rank], held[topo.rank]):
+        flags = (chunk_resets(resets, seq_len, c, start // c, n // c) if resets is not None
+                 else (False,) * (n // c))
+        blocks.append(Block(row, n, elem, flags))
+        row += n
+    return Plan(c, tuple(blocks), len(order), topo, cfg.layout, cfg.scan_algorithm,
+                cfg.clip_tau, cu_seqlens is not None, cfg.overlap, held)
 
 
 def _clip_scale(dw: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
