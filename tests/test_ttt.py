@@ -205,6 +205,16 @@ def test_hierarchical_mesh_matches_reference(run_ranks, sizes, layout):
     _check(run_ranks(world, _cp_rank, "bfloat16", layout, None, None, "allgather", S, True, sizes), "bfloat16")
 
 
+def test_mesh_with_pieces_spanning_both_zigzag_blocks(run_ranks):
+    """[a2a, p2p] = [3, 2]: the middle Ulysses rank of each ring rank holds two runs (the end
+    of zigzag block r and the start of block 2*p2p-1-r), the one mesh shape whose pieces are
+    two scan elements; 6 ranks."""
+    sizes = [3, 2]
+    _check(run_ranks(6, _cp_rank, "float64", "zigzag", 0.5, None, "allgather", S, True, sizes), "float64", 0.5)
+    docs = _packed_docs("zigzag", 6)
+    _check_packed(run_ranks(6, _packed_rank, docs, "zigzag", None, "allgather", False, sizes), docs)
+
+
 def test_bytes_per_rank_do_not_depend_on_sequence_length(run_ranks):
     world = 2
     per_s = {}
