@@ -10,11 +10,8 @@ sequence. With N ranks:
 - ``layout="zigzag"``: rank r holds elements r and 2N-1-r (the block order of the zigzag
   sequence layout, see :mod:`ctxpar.layouts`); ``values`` carries a leading dim of 2 in
   local order.
-- On a hierarchical mesh (``group=`` a ``("ring", "ulysses")`` DeviceMesh, p2p x a2a ranks)
-  CP rank ``r * a2a + u`` holds the runs of its piece of ring rank r's shard. contiguous:
-  one element, CP rank q holds element q. zigzag: ``values`` has a leading dim of m, the
-  number of runs this rank holds (1, or 2 when an odd a2a splits a piece across the two
-  zigzag blocks); :func:`owners` lists them.
+- On a ``("ring", "ulysses")`` mesh, CP rank ``r * a2a + u`` holds the runs of its piece
+  of ring rank r's shard (for zigzag, a leading dim of m = 1 or 2 runs; :func:`owners`).
 
 Element q is a pair ``(a_q, D_q)`` acting on a state as ``S -> a_q * S + D_q``:
 
@@ -41,14 +38,10 @@ Algorithms (all give the same result up to the order of the additions)
 ``ring``          M-1 serial hops            the carry walks the element order once
 ================  =========================  ===========================================
 
-On a hierarchical mesh only ``allgather`` runs (two stages: inside the Ulysses group, then
-across the ring); the other two need messages between arbitrary CP ranks.
-
-For zigzag on a 1-D group, M = 2N, so Hillis-Steele takes ceil(log2 2N) rounds and the ring's carry goes
-up ranks 0..N-1 and back down N-1..0 (2(N-1) messages): the element order is a path
-through the ranks, and both algorithms are written once for an arbitrary owner map.
-``allgather`` is the one that can be started asynchronously (:func:`start_scan`), so that
-its communication overlaps local work; the other two run to completion in ``start_scan``.
+On a mesh only ``allgather`` runs (Ulysses group, then ring). For 1-D zigzag, M = 2N and
+the ring's carry goes up ranks 0..N-1 and back down: both P2P algorithms are written once
+for an arbitrary owner map. ``allgather`` alone can be left in flight (:func:`start_scan`)
+so that its communication overlaps local work.
 
 Carries are accumulated and communicated in float32 (float64 for float64 input); results
 come back in the input dtype.
@@ -65,7 +58,7 @@ from .layouts import cp_segments
 from .mesh import CPTopology, resolve_topology
 
 __all__ = ["ALGORITHMS", "PendingScan", "acc_dtype", "exclusive_scan", "exclusive_sum", "owners",
-           "start_scan"]
+           "owners_of_runs", "start_scan"]
 
 ALGORITHMS = ("allgather", "hillis_steele", "ring")
 SCAN_LAYOUTS = ("contiguous", "zigzag")
@@ -102,8 +95,14 @@ def _owners(layout: str, p2p: int, a2a: int) -> tuple[tuple[int, ...], ...]:
     seq_len = (2 if layout == "zigzag" else 1) * p2p * a2a
     starts = [[s.start for s in cp_segments(layout, topo, seq_len, rank=(r, u))]
               for r in range(p2p) for u in range(a2a)]
-    order = {x: e for e, x in enumerate(sorted(x for run in starts for x in run))}
-    return tuple(tuple(order[x] for x in run) for run in starts)
+    return owners_of_runs(starts)
+
+
+def owners_of_runs(starts) -> tuple[tuple[int, ...], ...]:
+    """Element indices from every CP rank's run starts (local order): the runs numbered in
+    sequence order."""
+    order = {x: e for e, x in enumerate(sorted(x for rank in starts for x in rank))}
+    return tuple(tuple(order[x] for x in rank) for rank in starts)
 
 
 def _as_topology(grp) -> CPTopology:

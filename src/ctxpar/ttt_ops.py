@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from .mesh import CPTopology
 from .packing import cp_runs
-from .scan import acc_dtype, start_scan
+from .scan import acc_dtype, owners_of_runs, start_scan
 
 __all__ = ["Block", "Plan", "TTTApply", "build_plan", "chunk_resets"]
 
@@ -121,8 +121,7 @@ def build_plan(cfg, topo: CPTopology, local_len: int, cu_seqlens=None) -> Plan:
     with the number of documents."""
     c = cfg.chunk_size
     runs, seq_len, starts = cp_runs(cfg.layout, topo, local_len, cu_seqlens)
-    order = {x: e for e, x in enumerate(sorted(start for rank in runs for start, _ in rank))}
-    held = tuple(tuple(order[start] for start, _ in rank) for rank in runs)
+    held = owners_of_runs([[start for start, _ in rank] for rank in runs])
     # Every rank knows every rank's runs: check them all, so that all ranks raise
     # together instead of the aligned ones waiting in the scan's gather.
     bad = [q for q, rank in enumerate(runs) if any(start % c or n % c for start, n in rank)]
@@ -143,7 +142,7 @@ def build_plan(cfg, topo: CPTopology, local_len: int, cu_seqlens=None) -> Plan:
                  else (False,) * (n // c))
         blocks.append(Block(row, n, elem, flags))
         row += n
-    return Plan(c, tuple(blocks), len(order), topo, cfg.layout, cfg.scan_algorithm,
+    return Plan(c, tuple(blocks), sum(len(h) for h in held), topo, cfg.layout, cfg.scan_algorithm,
                 cfg.clip_tau, cu_seqlens is not None, cfg.overlap, held)
 
 
