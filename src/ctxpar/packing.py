@@ -23,9 +23,8 @@ import functools
 
 import torch
 
-from .comms import CPGroup, resolve_group
-from .layouts import (check_divisible, check_layout, cp_segments, granularity, local_segments,
-                      segment_positions)
+from .comms import resolve_group
+from .layouts import check_divisible, check_layout, granularity, local_segments, segment_positions
 from .mesh import CPTopology, resolve_topology
 
 __all__ = ["DocSegment", "ShardSpec", "PackedShard", "shard_packed", "unshard_packed", "pad_for_cp",
@@ -274,28 +273,14 @@ def cp_runs(layout: str, topo: CPTopology, local_len: int, cu_seqlens=None):
     return _cp_runs(layout, topo.ring.size, topo.ulysses.size, local_len, docs)
 
 
-def _merge_runs(runs) -> tuple:
-    """Join runs that touch (zigzag blocks N-1 and N; pieces of an odd Ulysses split)."""
-    out = []
-    for start, n in runs:
-        if out and out[-1][0] + out[-1][1] == start:
-            out[-1] = (out[-1][0], out[-1][1] + n)
-        else:
-            out.append((start, n))
-    return tuple(out)
-
-
 @functools.lru_cache(maxsize=64)
 def _cp_runs(layout, p2p, a2a, local_len, docs):
     size = p2p * a2a
     if docs is None:
-        topo = CPTopology(CPGroup(None, 0, p2p), CPGroup(None, 0, a2a))
-        seq_len = local_len * size
-        runs = tuple(_merge_runs((s.start, s.length) for s in cp_segments(layout, topo, seq_len, rank=(r, u)))
-                     for r in range(p2p) for u in range(a2a))
-        return runs, seq_len, (0,)
-    spec = ShardSpec(layout, p2p, padded_length(docs, layout, p2p, a2a), docs, a2a)
-    if spec.seq_len != local_len * size:
+        spec = ShardSpec(layout, p2p, local_len * size, None, a2a)
+    else:
+        spec = ShardSpec(layout, p2p, padded_length(docs, layout, p2p, a2a), docs, a2a)
+    if docs is not None and spec.seq_len != local_len * size:
         raise ValueError(
             f"cu_seqlens ending at {docs[-1]} pads to {spec.seq_len} tokens under layout={layout!r} "
             f"on {size} rank(s), but the shards hold {local_len} x {size} = {local_len * size}; "
@@ -305,11 +290,14 @@ def _cp_runs(layout, p2p, a2a, local_len, docs):
         pos = spec.positions(r)
         m = pos.numel() // a2a
         for u in range(a2a):
-            piece = pos[u * m:(u + 1) * m]
+            piece = pos[u * m:(u + 1) * m]  # the Ulysses split, as in shard_packed / cp_segments
+            # Maximal runs: pieces that touch (zigzag blocks N-1 and N, an odd Ulysses split,
+            # consecutive documents' pieces) are one run.
             cut = (torch.nonzero(piece[1:] - piece[:-1] != 1).flatten() + 1).tolist()
             bounds = [0] + cut + [piece.numel()]
             runs.append(tuple((int(piece[a]), b - a) for a, b in zip(bounds, bounds[1:])))
-    return tuple(runs), spec.seq_len, tuple(_doc_starts(docs, layout, p2p, a2a))
+    starts = (0,) if docs is None else tuple(_doc_starts(docs, layout, p2p, a2a))
+    return tuple(runs), spec.seq_len, starts
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,7 +47,7 @@ from .checks import check_agree_on, cu_checksum, dtype_code, text_code
 from .comms import all_reduce
 from .mesh import resolve_topology
 from .scan import ALGORITHMS, acc_dtype
-from .ttt_ops import Plan, TTTApply, build_plan, chunk_resets
+from .ttt_ops import Plan, TTTApply, build_plan, chunk_resets, chunk_delta
 
 __all__ = ["TTTConfig", "InPlaceTTTMLP", "TTTState", "convert", "chunk_resets"]
 
@@ -220,7 +220,7 @@ class InPlaceTTTMLP(nn.Module):
         if self.config.clip_tau is None:  # Σ_i V̂_iᵀ Z_i is one product over all rows
             delta = torch.bmm(v.to(acc).transpose(1, 2), z.to(acc))
         else:
-            delta = sum(self._chunk_delta(v[:, i:i + c].to(acc), z[:, i:i + c].to(acc))
+            delta = sum(chunk_delta(v[:, i:i + c].to(acc), z[:, i:i + c].to(acc), self.config.clip_tau)[0]
                         for i in range(0, x.shape[1], c))
         delta = delta.contiguous()
         for grp in (topo.ulysses, topo.ring):
@@ -248,14 +248,6 @@ class InPlaceTTTMLP(nn.Module):
                       "cu_seqlens checksum": cu_checksum(cu_seqlens)}
             check_agree_on(resolve_topology(self.group), fields, "InPlaceTTTMLP inputs", device=x.device)
         return source, error
-
-    def _chunk_delta(self, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """ΔW = V̂ᵀ Z of one chunk ``[B, D, F]``, Frobenius-clipped if configured."""
-        dw = torch.bmm(v.transpose(1, 2), z)
-        if self.config.clip_tau is not None:
-            norm = torch.linalg.vector_norm(dw.flatten(1), dim=1)
-            dw = dw * (self.config.clip_tau / norm).clamp(max=1.0).view(-1, 1, 1)
-        return dw
 
     def step(self, x: torch.Tensor, state: TTTState | None = None, *, embeddings=None):
         """Streaming prefill/decode: ``x`` ``[B, n, D]`` (a prompt or one token, the full
@@ -290,7 +282,7 @@ class InPlaceTTTMLP(nn.Module):
             z_buf = torch.cat([state.z_buf, z_r], 1)
             delta = state.delta
             if t_buf.shape[1] == c:  # the chunk is complete: fold its delta in
-                dw = self._chunk_delta(self.targets(t_buf).to(acc), z_buf.to(acc))
+                dw, _ = chunk_delta(self.targets(t_buf).to(acc), z_buf.to(acc), self.config.clip_tau)
                 delta, t_buf, z_buf = delta + dw, t_buf[:, :0], z_buf[:, :0]
             state = TTTState(delta, t_buf, z_buf, state.position + take)
             pos += take

@@ -49,7 +49,7 @@ from .mesh import CPTopology
 from .packing import cp_runs
 from .scan import acc_dtype, owners_of_runs, start_scan
 
-__all__ = ["Block", "Plan", "TTTApply", "build_plan", "chunk_resets"]
+__all__ = ["Block", "Plan", "TTTApply", "build_plan", "chunk_delta", "chunk_resets"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +152,7 @@ def _clip_scale(dw: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tenso
     return (tau / norm).clamp(max=1.0), norm
 
 
-def _delta(v_i, z_i, clip):
+def chunk_delta(v_i, z_i, clip):
     """ΔW_i = V̂_iᵀ Z_i, clipped (the backward recomputes it with the same ops, bit for bit)."""
     dw = torch.bmm(v_i.transpose(1, 2), z_i)
     if clip is None:
@@ -215,7 +215,7 @@ class TTTApply(torch.autograd.Function):
                 torch.bmm(v[:, lo:hi].to(acc).transpose(1, 2), z[:, lo:hi].to(acc), out=summ[j])
             else:
                 for s in range(lo, hi, c):
-                    summ[j] += _delta(v[:, s:s + c].to(acc), z[:, s:s + c].to(acc), plan.clip)[0]
+                    summ[j] += chunk_delta(v[:, s:s + c].to(acc), z[:, s:s + c].to(acc), plan.clip)[0]
         keep = plan.keep(z.device, acc)
         pending = None
         if plan.n_elems > 1 and plan.overlap:
@@ -236,7 +236,7 @@ class TTTApply(torch.autograd.Function):
                 if e is not None:
                     _bmm_into(y[:, s:s + c], z_i, e.transpose(1, 2))
                 if i < last:  # else the block's last delta only feeds the summary
-                    dw, _ = _delta(v[:, s:s + c].to(acc), z_i, plan.clip)
+                    dw, _ = chunk_delta(v[:, s:s + c].to(acc), z_i, plan.clip)
                     e = dw if e is None else e.add_(dw)
             if last == len(blk.flags) and e is not None:
                 summ[j].copy_(e)
@@ -314,7 +314,7 @@ class TTTApply(torch.autograd.Function):
                 _matmul_into(dz[:, s:s + c], g[:, s:s + c], w)
                 if i < last:
                     z_i = z[:, s:s + c].to(acc)
-                    dw, _ = _delta(v[:, s:s + c].to(acc), z_i, plan.clip)
+                    dw, _ = chunk_delta(v[:, s:s + c].to(acc), z_i, plan.clip)
                     e = dw if e is None else e.add_(dw)
 
         # 3. Pass 2 (reverse chunk order): U starts from the cross-block carry Q.
