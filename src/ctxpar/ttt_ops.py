@@ -78,14 +78,18 @@ class Block:
 class Plan:
     chunk: int
     blocks: tuple[Block, ...]
-    n_elems: int
+    held: tuple[tuple[int, ...], ...]  # element (block) indices of every CP rank, see ctxpar.scan
     grp: CPTopology  # the CP group (a mesh's ring x ulysses, or a 1-D group)
     layout: str
     algorithm: str
     clip: float | None
     segmented: bool  # document resets are on (every rank agrees: cu_seqlens is global)
     overlap: bool = True  # forward: summaries first, gather in flight during the chunk loop
-    held: tuple | None = None  # element (block) indices of every CP rank, see ctxpar.scan
+
+    @property
+    def n_elems(self) -> int:
+        """Blocks of the whole sequence, over all ranks."""
+        return sum(len(h) for h in self.held)
 
     def keep(self, device, dtype) -> torch.Tensor | None:
         """Per-block scan coefficient: 0 if the block contains a reset, else 1."""
@@ -142,8 +146,8 @@ def build_plan(cfg, topo: CPTopology, local_len: int, cu_seqlens=None) -> Plan:
                  else (False,) * (n // c))
         blocks.append(Block(row, n, elem, flags))
         row += n
-    return Plan(c, tuple(blocks), sum(len(h) for h in held), topo, cfg.layout, cfg.scan_algorithm,
-                cfg.clip_tau, cu_seqlens is not None, cfg.overlap, held)
+    return Plan(c, tuple(blocks), held, topo, cfg.layout, cfg.scan_algorithm, cfg.clip_tau,
+                cu_seqlens is not None, cfg.overlap)
 
 
 def _clip_scale(dw: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
