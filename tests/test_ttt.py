@@ -12,7 +12,7 @@ from ctxpar.launch import RankError
 from ctxpar.mesh import cp_mesh
 from ctxpar.ttt import InPlaceTTTMLP, TTTConfig
 from ctxpar.memory import saved_tensor_bytes
-from ctxpar.ttt_reference import GatedMLP, all_chunk_weights_forward, ttt_reference
+from ctxpar.ttt_reference import GatedMLP, all_chunk_weights_forward, documents_reference, ttt_reference
 
 WORLDS = [1, 2, 3, 4]
 D, FF, B, S, C = 8, 16, 2, 96, 4
@@ -113,20 +113,8 @@ def _packed_docs(layout, world):
 @functools.lru_cache(maxsize=None)
 def _packed_reference(docs, clip=None):
     """Each document alone through the float64 token loop (zero-padded to whole chunks)."""
-    layer = _layer(torch.float64, clip_tau=clip)
     x, gout = _data(torch.float64, docs[-1])
-    p = {k: v.detach().clone().requires_grad_(True) for k, v in layer.named_parameters()}
-    outs, dxs = [], []
-    for a, b in zip(docs, docs[1:]):
-        pad = -(b - a) % C
-        xd = torch.nn.functional.pad(x[:, a:b], (0, 0, 0, pad)).requires_grad_(True)
-        out = ttt_reference(xd, w_gate=p["gate_proj.weight"], w_up=p["up_proj.weight"],
-                            w_down=p["down_proj.weight"], conv_weight=p["ttt_conv"],
-                            w_target=p["ttt_target"], eta=p["ttt_eta"], chunk_size=C, clip_tau=clip)
-        (out[:, : b - a] * gout[:, a:b]).sum().backward()
-        outs.append(out[:, : b - a].detach())
-        dxs.append(xd.grad[:, : b - a])
-    return torch.cat(outs, 1), torch.cat(dxs, 1), {k: v.grad for k, v in p.items()}
+    return documents_reference(_layer(torch.float64, clip_tau=clip), x, gout, docs, clip)
 
 
 def _packed_rank(docs, layout, clip=None, algorithm="allgather", overlap=True, mesh_sizes=None):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ttt_reference", "reference_resets"]
+__all__ = ["ttt_reference", "reference_resets", "documents_reference"]
 
 
 def reference_resets(cu_seqlens, seq_len: int, chunk: int) -> list[bool]:
@@ -67,6 +67,27 @@ def ttt_reference(x, *, w_gate, w_up, w_down, conv_weight, w_target, eta, chunk_
             pending = pending + torch.outer(v, z)  # update, used from the next chunk on
         outs.append(torch.stack(rows))
     return torch.stack(outs)
+
+
+def documents_reference(layer, x, grad_out, docs, clip_tau=None):
+    """Each packed document run alone through :func:`ttt_reference` (zero-padded at its end
+    to whole chunks; the padding reaches no real token) with ``layer``'s parameters in
+    float64; what a packed CP run whose documents start on chunk boundaries must give.
+
+    ``x``, ``grad_out``: ``[B, S, D]``; ``docs``: boundaries ``[0, ..., S]``. Returns
+    ``(out, dx, {name: grad})`` in float64, the loss being ``<out, grad_out>``."""
+    c = layer.config.chunk_size
+    p = {k: v.detach().double().clone().requires_grad_(True) for k, v in layer.named_parameters()}
+    out_all, dx_all = torch.zeros_like(x, dtype=torch.float64), torch.zeros_like(x, dtype=torch.float64)
+    for a, e in zip(docs, docs[1:]):
+        xd = F.pad(x[:, a:e].double(), (0, 0, 0, -(e - a) % c)).requires_grad_(True)
+        out = ttt_reference(xd, w_gate=p["gate_proj.weight"], w_up=p["up_proj.weight"],
+                            w_down=p["down_proj.weight"], conv_weight=p["ttt_conv"],
+                            w_target=p["ttt_target"], eta=p["ttt_eta"], chunk_size=c,
+                            clip_tau=clip_tau)[:, : e - a]
+        (out * grad_out[:, a:e].double()).sum().backward()
+        out_all[:, a:e], dx_all[:, a:e] = out.detach(), xd.grad[:, : e - a]
+    return out_all, dx_all, {k: v.grad for k, v in p.items()}
 
 
 def all_chunk_weights_forward(layer, x: torch.Tensor, chunk: int) -> torch.Tensor:

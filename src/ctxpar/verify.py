@@ -126,7 +126,7 @@ def _check_ttt(case: Case, device: str, seq_len: int, group) -> float:
     import ctxpar
     from ctxpar.mesh import resolve_topology
     from ctxpar.ttt import InPlaceTTTMLP
-    from ctxpar.ttt_reference import GatedMLP, ttt_reference
+    from ctxpar.ttt_reference import GatedMLP, documents_reference
 
     d, ff, b, c = 16, 32, 2, 4
     world = resolve_topology(group).size
@@ -143,15 +143,7 @@ def _check_ttt(case: Case, device: str, seq_len: int, group) -> float:
     length = seq_len if cu is None else cu[-1]
     gen = torch.Generator().manual_seed(99)
     x, g = (torch.randn(b, length, d, generator=gen, dtype=torch.float64) for _ in range(2))
-    p = {k: v.detach().clone().requires_grad_() for k, v in layer.named_parameters()}
-    ref_out, ref_dx = torch.zeros_like(x), torch.zeros_like(x)
-    for a, e in zip(cu or [0], (cu or [0, length])[1:]):
-        xd = torch.nn.functional.pad(x[:, a:e], (0, 0, 0, -(e - a) % c)).requires_grad_()
-        out = ttt_reference(xd, w_gate=p["gate_proj.weight"], w_up=p["up_proj.weight"],
-                            w_down=p["down_proj.weight"], conv_weight=p["ttt_conv"],
-                            w_target=p["ttt_target"], eta=p["ttt_eta"], chunk_size=c)[:, : e - a]
-        (out * g[:, a:e]).sum().backward()
-        ref_out[:, a:e], ref_dx[:, a:e] = out.detach(), xd.grad[:, : e - a]
+    ref_out, ref_dx, ref_grads = documents_reference(layer, x, g, cu or [0, length])
     dtype = getattr(torch, case.dtype)
     layer = layer.to(device=device, dtype=dtype)
     if cu is None:
@@ -176,7 +168,7 @@ def _check_ttt(case: Case, device: str, seq_len: int, group) -> float:
         grad = param.grad.double()
         if world > 1:  # per-rank shares; verify's CP group is the whole world
             dist.all_reduce(grad)
-        errs.append(_rel(grad.cpu(), p[name].grad))
+        errs.append(_rel(grad.cpu(), ref_grads[name]))
     return max(errs)
 
 
