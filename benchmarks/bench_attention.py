@@ -7,7 +7,7 @@ is ``ctxpar bench --seq-lens 16384 --worlds 2 --methods ring --layouts all`` wit
 decoder-layer memory sweep and no plots unless asked. Efficiency is the project's
 "core-seconds" one: ``ideal = min over T of (T · t_single(T)) / cores``, ``t_single(T)``
 one process running torch's fused attention over the whole sequence with T threads,
-``efficiency = ideal / cp_time`` (see ``ctxpar.bench``). Any other ``ctxpar bench`` option
+``efficiency = ideal / cp_time`` (see ``ctxpar.apps.bench.run``). Any other ``ctxpar bench`` option
 (``--peers``, ``--dtypes``, ``--causal both``, ``--out`` ...) is passed through.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--plots", action="store_true", help="also write the timeline and scaling plots")
     args, rest = p.parse_known_args(argv)
 
-    from ctxpar import bench
+    from ctxpar.apps.bench import run as bench
 
     fwd = ["--seq-lens", args.seq_len, "--worlds", args.world, "--heads", args.heads,
            "--kv-heads", args.kv_heads, "--head-dim", args.head_dim, "--dtypes", args.dtype,

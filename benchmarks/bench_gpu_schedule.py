@@ -2,7 +2,7 @@
 
 One GPU cannot host several NCCL ranks, so this emulates an N-rank ring schedule: it runs
 every rank's per-step block kernels and LSE merges (fwd) and block backward kernels with
-their dQ/dK/dV accumulation (bwd) on the one GPU, exactly as ``ctxpar.ring`` plans them,
+their dQ/dK/dV accumulation (bwd) on the one GPU, exactly as ``ctxpar.attn.ring`` plans them,
 and compares the summed time with one fused flash-attention call over the whole sequence.
 
     python benchmarks/bench_gpu_schedule.py --seq-len 131072 --world 8 --heads 32 --kv-heads 8 --head-dim 128
@@ -16,10 +16,11 @@ import json
 
 import torch
 
-from ctxpar.comms import CPGroup
-from ctxpar.kernels import OutputAccumulator, block_backward, block_forward
-from ctxpar.layouts import shard
-from ctxpar.masks import plan_tiles
+from ctxpar.dist.topology import CPGroup
+from ctxpar.attn.kernels import block_backward, block_forward
+from ctxpar.attn.merge import OutputAccumulator
+from ctxpar.sequence.layouts import shard
+from ctxpar.attn.tiles import plan_tiles
 
 
 def _time(fn, repeats):

@@ -16,10 +16,10 @@ import time
 import torch
 
 import ctxpar
-from ctxpar.launch import RankPool
-from ctxpar.memory import saved_tensor_bytes
+from ctxpar.apps.launch import RankPool
+from ctxpar.observe.memory import saved_tensor_bytes
 from ctxpar.ttt import InPlaceTTTMLP
-from ctxpar.ttt_reference import GatedMLP, all_chunk_weights_forward
+from ctxpar.ttt.reference import GatedMLP, all_chunk_weights_forward
 
 
 

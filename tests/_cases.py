@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 import ctxpar
-from ctxpar.references import attention_reference
+from ctxpar.attn.reference import attention_reference
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 

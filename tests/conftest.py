@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from ctxpar.launch import RankPool
+from ctxpar.apps.launch import RankPool
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

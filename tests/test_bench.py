@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import ctxpar
-from ctxpar.bench import DecoderLayer, theory_recv_bytes
-from ctxpar.memory import SavedTensors, saved_tensor_bytes
+from ctxpar.apps.bench.run import DecoderLayer, theory_recv_bytes
+from ctxpar.observe.memory import SavedTensors, saved_tensor_bytes
 
 pytest.importorskip("matplotlib")
 
@@ -42,7 +42,7 @@ def test_quick_run(tmp_path):
 def _measured(method, layout, hq, hkv, dtype, mesh_sizes=None):
     group = None
     if mesh_sizes is not None:
-        from ctxpar.mesh import cp_mesh
+        from ctxpar.dist.mesh import cp_mesh
         group = cp_mesh(hierarchical_context_parallel_sizes=list(mesh_sizes), device_type="cpu")
     g = torch.Generator().manual_seed(0)
     full = [torch.randn(1, 64, h, 16, generator=g).to(dtype) for h in (hq, hkv, hkv)]

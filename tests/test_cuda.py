@@ -6,8 +6,8 @@ import tempfile
 import pytest
 import torch
 
-from ctxpar.kernels import block_backward, block_forward
-from ctxpar.masks import Band
+from ctxpar.attn.kernels import block_backward, block_forward
+from ctxpar.attn.tiles import Band
 
 from _cases import TOL, make_qkv, rel_err
 
@@ -44,7 +44,7 @@ def test_ring_on_single_rank_nccl():
     import torch.distributed as dist
 
     import ctxpar
-    from ctxpar.references import attention_reference
+    from ctxpar.attn.reference import attention_reference
 
     store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
     dist.init_process_group("nccl", store=store, rank=0, world_size=1)

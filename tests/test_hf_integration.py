@@ -55,7 +55,7 @@ def _equivalence(kind: str, method: str, layout: str, dtypes: list[str], hcp=Non
     """On every rank: CP loss/grads vs a single-process run of the same batch."""
     group = None
     if hcp is not None:  # hierarchical CP: method "hybrid" on a ("ring", "ulysses") mesh
-        from ctxpar.mesh import cp_mesh
+        from ctxpar.dist.mesh import cp_mesh
 
         group = cp_mesh(hierarchical_context_parallel_sizes=hcp, device_type="cpu")
     name = register(f"ctxpar_test_{method}_{layout}", group=group, method=method,
@@ -164,7 +164,7 @@ def _packed_equivalence(layout: str, ttt: bool = False) -> dict:
     name = register(f"ctxpar_test_packed_{layout}", method="ring", layout=layout)
     ref = _model("llama", torch.float64)
     if ttt:
-        from ctxpar.comms import CPGroup
+        from ctxpar.dist.topology import CPGroup
         from ctxpar.ttt import convert
 
         convert(ref, layers=[1], chunk_size=4, layout=layout, group=CPGroup(None, 0, 1))

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from ctxpar.kernels import block_backward, block_forward, merge_into
-from ctxpar.masks import Band
-from ctxpar.references import attention_reference
+from ctxpar.attn.kernels import block_backward, block_forward
+from ctxpar.attn.merge import merge_into
+from ctxpar.attn.tiles import Band
+from ctxpar.attn.reference import attention_reference
 
 from _cases import TOL, make_qkv, rel_err
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import ctxpar
-from ctxpar.launch import RankError
-from ctxpar.layouts import local_positions
+from ctxpar.apps.launch import RankError
+from ctxpar.sequence.layouts import get_layout
 
 WORLDS = [1, 2, 3, 4]
 
@@ -27,7 +27,7 @@ def test_positions_partition_the_sequence(layout, world):
     seq_len = 24
     seen = []
     for r in range(world):
-        pos = local_positions(layout, r, world, seq_len).tolist()
+        pos = get_layout(layout).positions(r, world, seq_len).tolist()
         assert pos == _expected_positions(layout, r, world, seq_len)
         seen += pos
     assert sorted(seen) == list(range(seq_len))

@@ -8,9 +8,9 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 
 import ctxpar
-from ctxpar.launch import RankError
-from ctxpar.layouts import local_positions
-from ctxpar.mesh import cp_mesh
+from ctxpar.apps.launch import RankError
+from ctxpar.sequence.layouts import get_layout
+from ctxpar.dist.mesh import cp_mesh
 
 from _cases import TOL, compare_with_reference, make_qkv
 
@@ -34,7 +34,7 @@ def test_cp_mesh_axes_and_order(run_ranks, sizes):
 def _expected_positions(layout, sizes, r, u, seq_len):
     """From the documented rule: the layout over the ring axis, then a contiguous split."""
     a2a, p2p = sizes
-    share = local_positions(layout, r, p2p, seq_len).tolist()
+    share = get_layout(layout).positions(r, p2p, seq_len).tolist()
     n = seq_len // (a2a * p2p)
     return share[u * n:(u + 1) * n]
 
@@ -69,7 +69,7 @@ def test_mesh_shard_unshard_positions(run_ranks, sizes, layout):
 def test_one_by_n_mesh_is_the_1d_layout(run_ranks):
     for layout in ctxpar.LAYOUTS:
         for pos, (r, u), *_ in run_ranks(4, _mesh_layout, [1, 4], layout, 32):
-            assert pos == local_positions(layout, r, 4, 32).tolist()
+            assert pos == get_layout(layout).positions(r, 4, 32).tolist()
 
 
 # --------------------------------------------------------------- dp x cp composition
@@ -198,7 +198,7 @@ def _hybrid_packed(sizes, layout):
     """Packed documents on a mesh, sharded through the public API: the ring axis's packed
     order (documents padded so each ring share splits evenly), split contiguously within
     the Ulysses group."""
-    from ctxpar.references import attention_reference
+    from ctxpar.attn.reference import attention_reference
     from _cases import rel_err
 
     mesh = cp_mesh(hierarchical_context_parallel_sizes=sizes)

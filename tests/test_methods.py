@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import ctxpar
-from ctxpar.attention import choose_method
-from ctxpar.launch import RankError
-from ctxpar.mesh import CPTopology, cp_mesh
-from ctxpar.comms import CPGroup
-from ctxpar.references import attention_reference
+from ctxpar.attn.dispatch import choose_method
+from ctxpar.apps.launch import RankError
+from ctxpar.dist.mesh import cp_mesh
+from ctxpar.dist.topology import CPTopology
+from ctxpar.dist.topology import CPGroup
+from ctxpar.attn.reference import attention_reference
 
 from _cases import TOL, compare_with_reference, make_qkv, rel_err
 
@@ -111,7 +112,7 @@ def _counts(method, hq, hkv, return_lse, mesh_sizes=None):
 def _ulysses_bytes(n, sl, hq, hkv, e=4, lse=False):
     """Bytes each rank receives for q, k, v and out: (n-1)/n of each local tensor, K/V
     with their heads replicated to lcm(Hkv, n)."""
-    hkv_rep = hkv * ctxpar.ulysses.kv_replication(hkv, n)
+    hkv_rep = hkv * ctxpar.attn.ulysses.kv_replication(hkv, n)
     fwd = (n - 1) * B * sl * D * e * (2 * hq + 2 * hkv_rep) // n
     return fwd + ((n - 1) * B * sl * (hq // n) * 4 if lse else 0), fwd
 
@@ -145,7 +146,7 @@ def test_hybrid_communication(run_ranks, sizes, hq, hkv):
     world = a2a * p2p
     sl = S // world
     a2a_bytes = _ulysses_bytes(a2a, sl, hq, hkv)[1] if a2a > 1 else 0
-    hkv_rep = hkv * ctxpar.ulysses.kv_replication(hkv, a2a)
+    hkv_rep = hkv * ctxpar.attn.ulysses.kv_replication(hkv, a2a)
     kv_block = 2 * B * (S // p2p) * (hkv_rep // a2a) * D * 4  # head-sharded, ring-share long
     uly_ops = {"all_to_all": 4} if a2a > 1 else {}
     for frecv, fsent, fops, brecv, bsent, bops in run_ranks(world, _counts, "hybrid", hq, hkv, False, sizes):

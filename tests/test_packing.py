@@ -6,8 +6,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import ctxpar
-from ctxpar.packing import pad_for_cp, shard_packed, unshard_packed
-from ctxpar.references import attention_reference
+from ctxpar.sequence.packing import pad_for_cp, shard_packed, unshard_packed
+from ctxpar.attn.reference import attention_reference
 
 from _cases import rel_err
 
@@ -130,7 +130,7 @@ def _bad_length():
 
 
 def test_non_divisible_length_names_the_fix(run_ranks):
-    with pytest.raises(ctxpar.launch.RankError) as info:
+    with pytest.raises(ctxpar.apps.launch.RankError) as info:
         run_ranks(2, _bad_length)
     text = info.value.failures[0]
     assert "ValueError" in text and "10 is not divisible by 4" in text and "pad_for_cp" in text

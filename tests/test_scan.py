@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ctxpar
-from ctxpar.mesh import cp_mesh
+from ctxpar.dist.mesh import cp_mesh
 from ctxpar.scan import ALGORITHMS, exclusive_scan, owners
 
 WORLDS = [1, 2, 3, 4]

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 import ctxpar
-from ctxpar.launch import RankError
-from ctxpar.mesh import cp_mesh
+from ctxpar.apps.launch import RankError
+from ctxpar.dist.mesh import cp_mesh
 from ctxpar.ttt import InPlaceTTTMLP, TTTConfig
-from ctxpar.memory import saved_tensor_bytes
-from ctxpar.ttt_reference import GatedMLP, all_chunk_weights_forward, documents_reference, ttt_reference
+from ctxpar.observe.memory import saved_tensor_bytes
+from ctxpar.ttt.reference import GatedMLP, all_chunk_weights_forward, documents_reference, ttt_reference
 
 WORLDS = [1, 2, 3, 4]
 D, FF, B, S, C = 8, 16, 2, 96, 4

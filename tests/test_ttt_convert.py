@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 import ctxpar
-from ctxpar.comms import all_reduce, resolve_group
+from ctxpar.dist.collectives import all_reduce
+from ctxpar.dist.topology import resolve
 from ctxpar.ttt import InPlaceTTTMLP, convert
 
 transformers = pytest.importorskip("transformers")
@@ -99,13 +100,13 @@ class _ShardedTTT(nn.Module):
         self.inner, self.layout = inner, layout
 
     def forward(self, h):
-        grp = resolve_group(None)
+        grp = resolve(None).ring
         local = ctxpar.shard(_SumGradOverRanks.apply(h, grp), layout=self.layout)
         return ctxpar.unshard(self.inner(local), layout=self.layout)
 
 
 def _train_rank(layout, steps=6):
-    grp = resolve_group(None)
+    grp = resolve(None).ring
     model = _model(layers=3, seed=1).train()
     convert(model, layers=[0, 2], chunk_size=4, layout=layout, eta=0.5)
     ttt_params = []

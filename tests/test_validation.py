@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import ctxpar
-from ctxpar.launch import RankError
+from ctxpar.apps.launch import RankError
 
 
 def _qkv(s=8, hq=4, hkv=2, d=8, dtype=torch.float32):

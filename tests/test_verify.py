@@ -1,6 +1,6 @@
 """``ctxpar verify``'s rank body: its attention and In-Place TTT cases pass on 2 ranks, and
 a case that cannot run is reported as a failure, not skipped."""
-from ctxpar.verify import TOLERANCE, Case, build_cases, verify_rank
+from ctxpar.apps.verify import TOLERANCE, Case, build_cases, verify_rank
 
 
 def test_cases_pass_and_cover_ttt(run_ranks):

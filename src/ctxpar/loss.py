@@ -40,32 +40,17 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .comms import CPGroup, all_reduce, resolve_group
+from ctxpar.dist.collectives import all_reduce
+from ctxpar.dist.topology import CPGroup, axis_groups
+from ctxpar.numerics import acc_dtype
 
-__all__ = ["cp_cross_entropy", "allreduce_gradients", "allreduce_sum", "reduction_groups",
-           "grad_norm"]
-
-
-def reduction_groups(group=None) -> list[CPGroup]:
-    """The 1-D groups to sum over, in turn, so that the result is a sum over ``group``.
-
-    A 1-D group or mesh gives itself; an n-D ``DeviceMesh`` gives one group per axis; a
-    list or tuple gives the groups of each element. Groups of size one are dropped."""
-    if isinstance(group, (list, tuple)):
-        out: list[CPGroup] = []
-        for g in group:
-            out.extend(reduction_groups(g))
-        return out
-    if group is not None and hasattr(group, "ndim") and hasattr(group, "get_group") \
-            and group.ndim > 1:
-        return [resolve_group(group.get_group(i)) for i in range(group.ndim)]
-    grp = resolve_group(group)
-    return [grp] if grp.size > 1 else []
+__all__ = ["cp_cross_entropy", "allreduce_gradients", "allreduce_sum", "grad_norm"]
 
 
 def allreduce_sum(t: torch.Tensor, *, group=None) -> torch.Tensor:
-    """Sum ``t`` in place over ``group`` (see :func:`reduction_groups`); returns ``t``."""
-    for grp in reduction_groups(group):
+    """Sum ``t`` in place over every rank of ``group`` (see
+    :func:`ctxpar.dist.topology.axis_groups`); returns ``t``."""
+    for grp in axis_groups(group):
         all_reduce(grp, t)
     return t
 
@@ -93,7 +78,7 @@ def cp_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, group=None,
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} must "
                          f"agree in every dim but the last")
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(logits.dtype)
     local_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(acc),
                                 labels.reshape(-1), ignore_index=ignore_index, reduction="sum")
     local_count = (labels != ignore_index).sum()
@@ -124,7 +109,7 @@ def allreduce_gradients(params: torch.nn.Module | Iterable[torch.Tensor], *, gro
     call it with the same parameters in the same order (replicated parameters, as under
     CP). Parameters without a gradient are skipped, which must then be so on every rank.
     """
-    groups = reduction_groups(group)
+    groups = axis_groups(group)
     if not groups:
         return
     by_kind: dict[tuple, list[torch.Tensor]] = {}

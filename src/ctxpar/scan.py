@@ -3,12 +3,12 @@
 Elements and the operator
 -------------------------
 An *element* is one contiguous run of the sequence held by one rank (a segment of
-:func:`ctxpar.layouts.cp_segments`); the global scan order is the order of the runs in the
-sequence. With N ranks:
+:meth:`ctxpar.sequence.spec.ShardSpec.runs`); the global scan order is the order of the runs
+in the sequence. With N ranks:
 
 - ``layout="contiguous"``: one element per rank, rank r holds element r.
 - ``layout="zigzag"``: rank r holds elements r and 2N-1-r (the block order of the zigzag
-  sequence layout, see :mod:`ctxpar.layouts`); ``values`` carries a leading dim of 2 in
+  sequence layout, see :mod:`ctxpar.sequence.layouts`); ``values`` carries a leading dim of 2 in
   local order.
 - On a ``("ring", "ulysses")`` mesh, CP rank ``r * a2a + u`` holds the runs of its piece
   of ring rank r's shard (for zigzag, a leading dim of m = 1 or 2 runs; :func:`owners`).
@@ -53,27 +53,23 @@ import math
 
 import torch
 
-from .comms import CPGroup, PendingExchange, all_gather, exchange
-from .layouts import cp_segments
-from .mesh import CPTopology, resolve_topology
+from ctxpar.dist.collectives import PendingExchange, all_gather, exchange
+from ctxpar.dist.topology import CPTopology, resolve
+from ctxpar.numerics import acc_dtype
+from ctxpar.sequence.layouts import get_layout
+from ctxpar.sequence.spec import ShardSpec
 
-__all__ = ["ALGORITHMS", "PendingScan", "acc_dtype", "exclusive_scan", "exclusive_sum", "owners",
+__all__ = ["ALGORITHMS", "PendingScan", "exclusive_scan", "exclusive_sum", "owners",
            "owners_of_runs", "start_scan"]
 
 ALGORITHMS = ("allgather", "hillis_steele", "ring")
-SCAN_LAYOUTS = ("contiguous", "zigzag")
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Carry dtype: float64 for float64 input, float32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check(layout: str, algorithm: str) -> None:
-    if layout not in SCAN_LAYOUTS:
+    if not get_layout(layout).consecutive_runs:
         raise ValueError(
-            f"scan layout {layout!r} is not supported; expected one of {SCAN_LAYOUTS} "
-            f"(a striped rank holds no contiguous run of the sequence to summarise)")
+            f"scan layout {layout!r} is not supported: a rank of it holds no contiguous run of "
+            f"the sequence to summarise")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown scan algorithm {algorithm!r}; expected one of {ALGORITHMS}")
 
@@ -89,13 +85,9 @@ def owners(layout: str, p2p: int, a2a: int = 1) -> tuple[tuple[int, ...], ...]:
 
 @functools.lru_cache(maxsize=None)
 def _owners(layout: str, p2p: int, a2a: int) -> tuple[tuple[int, ...], ...]:
-    if a2a == 1:  # rank r: block r, and block 2N-1-r for zigzag
-        return tuple((r,) if layout == "contiguous" else (r, 2 * p2p - 1 - r) for r in range(p2p))
-    topo = CPTopology(CPGroup(None, 0, p2p), CPGroup(None, 0, a2a), ("ring", "ulysses"))
-    seq_len = (2 if layout == "zigzag" else 1) * p2p * a2a
-    starts = [[s.start for s in cp_segments(layout, topo, seq_len, rank=(r, u))]
-              for r in range(p2p) for u in range(a2a)]
-    return owners_of_runs(starts)
+    spec = ShardSpec(layout, p2p, a2a, get_layout(layout).granularity(p2p) * a2a)
+    # One element per segment (zigzag blocks stay two elements even where they touch).
+    return owners_of_runs([[s.start for s in spec.segments(q)] for q in range(p2p * a2a)])
 
 
 def owners_of_runs(starts) -> tuple[tuple[int, ...], ...]:
@@ -103,10 +95,6 @@ def owners_of_runs(starts) -> tuple[tuple[int, ...], ...]:
     sequence order."""
     order = {x: e for e, x in enumerate(sorted(x for rank in starts for x in rank))}
     return tuple(tuple(order[x] for x in rank) for rank in starts)
-
-
-def _as_topology(grp) -> CPTopology:
-    return grp if isinstance(grp, CPTopology) else resolve_topology(grp)
 
 
 def _gather(topo: CPTopology, local: torch.Tensor):
@@ -184,14 +172,13 @@ def start_scan(d: torch.Tensor, a: torch.Tensor | None, *, grp, layout: str,
     """Non-differentiable exclusive scan of this rank's ``m`` elements.
 
     ``d``: ``[m, *shape]`` (carry dtype); ``a``: ``None`` (sum) or ``[m, *a_shape]`` with
-    ``a_shape`` broadcastable to ``shape``. ``grp``: a :class:`~ctxpar.comms.CPGroup`, a
-    :class:`~ctxpar.mesh.CPTopology` or anything ``group=`` takes. Every rank must pass the
+    ``a_shape`` broadcastable to ``shape``. ``grp``: a :class:`~ctxpar.dist.topology.CPTopology` or anything ``group=`` takes. Every rank must pass the
     same shapes and the same ``a is None``. ``held`` overrides the layout's element map
     (:func:`owners`): the element indices of every CP rank, in local order, e.g. the runs
     of a packed shard. ``allgather`` returns at once with the gather in flight; the other
     algorithms finish before returning."""
     _check(layout, algorithm)
-    topo = _as_topology(grp)
+    topo = resolve(grp)
     if topo.ulysses.size > 1 and algorithm != "allgather":
         raise ValueError(
             f"scan algorithm {algorithm!r} needs messages between any two CP ranks; on a "
@@ -394,7 +381,7 @@ def exclusive_scan(values: torch.Tensor, *, decay=None, reset=None, group=None,
     >>> carry = exclusive_scan(total, reset=has_doc_start, group=g)        # segmented
     """
     _check(layout, algorithm)
-    grp = resolve_topology(group)
+    grp = resolve(group)
     if isinstance(decay, torch.Tensor) and decay.requires_grad:
         return _ScanFn.apply(values, decay, reset, grp, layout, algorithm, reverse)
     return _ScanFn.apply(values, None if decay is None else torch.as_tensor(decay).detach(),

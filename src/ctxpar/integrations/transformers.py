@@ -51,19 +51,17 @@ from typing import Any, Callable
 
 import torch
 
-import ctxpar
+from ctxpar.attn.dispatch import METHODS, attention
+from ctxpar.dist.topology import resolve
+from ctxpar.sequence.layouts import get_layout
+from ctxpar.sequence.packing import shard_packed
+from ctxpar.sequence.sharding import position_ids as cp_position_ids, shard
+from ctxpar.sequence.spec import cp_multiple
 
 __all__ = ["register", "make_attention_function", "shard_batch", "CPBatch",
            "DEFAULT_NAME"]
 
 DEFAULT_NAME = "ctxpar"
-
-
-def _cp_size(group) -> int:
-    """Size of the CP group (a 1-D group or a hierarchical mesh); needs no communication."""
-    from ctxpar.mesh import resolve_topology
-
-    return resolve_topology(group).size
 
 
 def make_attention_function(*, group=None, method: str = "ring", layout: str = "zigzag",
@@ -109,7 +107,7 @@ def make_attention_function(*, group=None, method: str = "ring", layout: str = "
             extra["cu_seqlens"] = cu
         elif check_positions and getattr(module, "layer_idx", 0) == 0:
             _check_position_ids(kwargs.get("position_ids"), query.shape[2], group, layout)
-        out = ctxpar.attention(
+        out = attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
             group=group, method=method, layout=layout, causal=causal, scale=scaling,
             window=window, backend=backend, check_args=check_args, **extra)
@@ -121,11 +119,11 @@ def make_attention_function(*, group=None, method: str = "ring", layout: str = "
 
 
 def _check_position_ids(position_ids, s_local: int, group, layout: str) -> None:
-    size = _cp_size(group)
+    size = resolve(group).size
     if position_ids is None or size == 1:
         return
-    expected = ctxpar.position_ids(s_local * size, group=group, layout=layout,
-                                   device=position_ids.device)
+    expected = cp_position_ids(s_local * size, group=group, layout=layout,
+                               device=position_ids.device)
     if position_ids.shape[-1] != s_local or not bool((position_ids == expected).all()):
         raise ValueError(
             f"the model's position_ids are not this rank's global positions for "
@@ -151,9 +149,9 @@ def register(name: str = DEFAULT_NAME, *, group=None, method: str = "ring",
     if name in ("eager", "sdpa", "flex_attention") or name.startswith(("flash_attention",
                                                                          "paged")):
         raise ValueError(f"{name!r} is a transformers built-in attention name; choose another")
-    if method not in ctxpar.METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {ctxpar.METHODS}")
-    ctxpar.layouts.check_layout(layout)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    get_layout(layout)
     fn = make_attention_function(group=group, method=method, layout=layout, backend=backend,
                                  check_positions=check_positions, check_args=check_args)
     AttentionInterface.register(name, fn)
@@ -243,32 +241,23 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
             raise ValueError(f"cu_seqlens must be [0, ..., {s}] (1-D, ending at the sequence "
                              f"length); got {cu.tolist()[:16]}")
         shifted = shift_labels(labels, ignore_index=ignore_index, cu_seqlens=cu)
-        tok = ctxpar.shard_packed(input_ids, cu, group=group, layout=layout, value=0)
-        lab = ctxpar.shard_packed(shifted, cu, group=group, layout=layout, value=ignore_index)
+        tok = shard_packed(input_ids, cu, group=group, layout=layout, value=0)
+        lab = shard_packed(shifted, cu, group=group, layout=layout, value=ignore_index)
         return CPBatch(input_ids=tok.tokens, labels=lab.tokens,
                        position_ids=tok.position_ids.unsqueeze(0).expand(b, -1),
                        cu_seqlens=tok.cu_seqlens, seq_len=s)
     shifted = shift_labels(labels, ignore_index=ignore_index)
-    ids, shifted = _pad_to_multiple(input_ids, shifted, _granularity(group, layout), ignore_index)
+    topo = resolve(group)
+    mult = cp_multiple(get_layout(layout), topo.ring.size, topo.ulysses.size)
+    ids, shifted = _pad_to_multiple(input_ids, shifted, mult, ignore_index)
     total = ids.shape[1]
-    position_ids = ctxpar.position_ids(total, group=group, layout=layout,
-                                       device=input_ids.device)
+    position_ids = cp_position_ids(total, group=topo, layout=layout, device=input_ids.device)
     return CPBatch(
-        input_ids=ctxpar.shard(ids, group=group, layout=layout),
-        labels=ctxpar.shard(shifted, group=group, layout=layout),
+        input_ids=shard(ids, group=topo, layout=layout),
+        labels=shard(shifted, group=topo, layout=layout),
         position_ids=position_ids.unsqueeze(0).expand(b, -1),
         seq_len=s,
     )
-
-
-def _granularity(group, layout: str) -> int:
-    """The global length must be a multiple of this (the layout's granularity on the ring
-    axis times the Ulysses degree on a hierarchical mesh)."""
-    from ctxpar.layouts import granularity
-    from ctxpar.mesh import resolve_topology
-
-    topo = resolve_topology(group)
-    return granularity(layout, topo.ring.size) * topo.ulysses.size
 
 
 def _pad_to_multiple(ids: torch.Tensor, labels: torch.Tensor, mult: int, ignore_index: int):

@@ -1,0 +1,1 @@
+"""``ctxpar bench``: the driver (:mod:`~ctxpar.apps.bench.run`), the per-rank cells (:mod:`~ctxpar.apps.bench.cells`), peer libraries (:mod:`~ctxpar.apps.bench.peers`) and plots (:mod:`~ctxpar.apps.bench.plots`)."""

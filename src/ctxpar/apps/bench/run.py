@@ -1,0 +1,249 @@
+"""``ctxpar bench``: speed, communication and memory of every CP method, against the ideal
+and against peer libraries, with plots.
+
+For every cell of the matrix method × layout × world size × sequence length × dtype ×
+causal (plus each installed peer, see ``ctxpar.apps.bench.peers``) it measures, on local ranks
+(gloo on CPU, one thread each; NCCL on CUDA, one GPU each):
+
+- fwd and fwd+bwd time: median and spread (max - min) over ``--repeats`` timed runs after
+  ``--warmup``; a run's time is that of its slowest rank.
+- efficiency = ideal ÷ CP time, with the project's "core-seconds" ideal:
+  ``ideal = min over T of (T · t_single(T)) / cores``, ``t_single(T)`` the time of one
+  process running torch's fused ``scaled_dot_product_attention`` over the whole sequence
+  with T threads (T = 1 or all the cores the CP run uses), ``cores = min(world, CPUs)``
+  (on CUDA: T = 1 GPU and cores = world).
+- bytes sent/received per rank (``ctxpar.comm_counters``), fwd and bwd, against the
+  theoretical volume of each design (:func:`theory_recv_bytes`).
+- compute vs blocked time, from one extra untimed fwd+bwd per cell under torch.profiler:
+  compute = time in top-level aten ops, blocked = wall - compute (waiting on
+  communication, plus Python overhead); for ring-based methods also the per-step
+  ``ctxpar.observe.trace.ring_trace`` (the timeline plot).
+- activation memory per rank: bytes saved for backward (``ctxpar.observe.memory``), and the CUDA
+  peak allocation on CUDA; plus, separately, the saved bytes per rank of a whole decoder
+  layer (:class:`DecoderLayer`) at a fixed global length for N = 1, 2, 4.
+- error vs the float64 reference (out, and the worst of dq/dk/dv), max abs error relative
+  to the reference's max abs value.
+
+Outputs: a Markdown table on stdout, ``OUT/results.json``, ``OUT/timeline.png`` and
+``OUT/scaling.png`` (``ctxpar.apps.bench.plots``; needs matplotlib, the ``bench`` extra).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from ctxpar.apps.bench.cells import (DecoderLayer, rank_cell, rank_layer_memory, reference, rel_errors,
+                          single_process, theory_recv_bytes)
+
+__all__ = ["add_arguments", "run", "theory_recv_bytes", "DecoderLayer"]
+
+_QUICK = dict(methods="ring,ulysses,allgather", layouts="zigzag", worlds="2", seq_lens="512",
+              dtypes="float32", causal="yes", warmup=1, repeats=2, layer_seq_len=256,
+              layer_worlds="1,2")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("--methods", default="ring,ulysses,allgather,hybrid", help="comma list of ctxpar methods")
+    a("--layouts", default="zigzag,contiguous", help="comma list, or 'all'")
+    a("--worlds", default="1,2,4", help="CP world sizes (local ranks)")
+    a("--seq-lens", default="1024,2048", help="global sequence lengths")
+    a("--dtypes", default="float32", help="comma list: float32, bfloat16, float16, float64")
+    a("--causal", default="yes", choices=("both", "yes", "no"), help="causal, full, or both")
+    a("--batch", type=int, default=1)
+    a("--heads", type=int, default=8)
+    a("--kv-heads", type=int, default=8)
+    a("--head-dim", type=int, default=64)
+    a("--hybrid-sizes", default="", help="a2a,p2p for method hybrid (default: 2,N/2 for even N>=4)")
+    a("--warmup", type=int, default=1)
+    a("--repeats", type=int, default=5)
+    a("--peers", default="auto", help="comma list of peers (ctxpar.apps.bench.peers.PEERS), 'auto' = all, 'none'")
+    a("--no-errors", dest="errors", action="store_false", help="skip the float64 reference checks")
+    a("--layer-seq-len", type=int, default=2048, help="global length for the decoder-layer memory")
+    a("--layer-worlds", default="1,2,4", help="world sizes for the decoder-layer memory ('' = skip)")
+    a("--device", default="cpu", choices=("cpu", "cuda"))
+    a("--out", default="bench-results", help="folder for results.json and the plots")
+    a("--no-plots", dest="plots", action="store_false")
+    a("--timeout", type=float, default=3600.0, help="seconds per cell before a hang is declared")
+    a("--quick", action="store_true", help="tiny CI configuration (well under a minute): "
+      + ", ".join(f"{k}={v}" for k, v in _QUICK.items()) + ", no peers unless --peers names some")
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+# ------------------------------------------------------------------------------ theory
+
+
+def _resolve(args) -> argparse.Namespace:
+    cfg = argparse.Namespace(**vars(args))
+    if args.quick:
+        for key, val in _QUICK.items():
+            setattr(cfg, key, val)
+        if args.peers == "auto":
+            cfg.peers = "none"
+    return cfg
+
+
+def _cells(cfg, notes: list[str]):
+    """Every cell of the matrix (ctxpar methods, then runnable peers), in run order."""
+    from ctxpar import LAYOUTS
+    from ctxpar.apps.bench.peers import PEERS, peer_layout, peer_status
+
+    layouts = list(LAYOUTS) if cfg.layouts == "all" else cfg.layouts.split(",")
+    causals = {"both": (True, False), "yes": (True,), "no": (False,)}[cfg.causal]
+    peers = [] if cfg.peers == "none" else (list(PEERS) if cfg.peers == "auto" else cfg.peers.split(","))
+    shape = dict(batch=cfg.batch, heads=cfg.heads, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim)
+    for w, s, dt, causal in itertools.product(_ints(cfg.worlds), _ints(cfg.seq_lens),
+                                              cfg.dtypes.split(","), causals):
+        base = dict(shape, world=w, seq_len=s, dtype=dt, causal=causal, peer=False, hybrid=None)
+        if w == 1:  # every method and layout is the same local computation on one rank
+            notes.append("N=1: one cell per case (every method and layout is the same local kernel call)")
+            yield dict(base, method="ring", layout="contiguous")
+            continue
+        for m in cfg.methods.split(","):
+            hyb = None
+            if m == "hybrid":
+                hyb = tuple(_ints(cfg.hybrid_sizes)) if cfg.hybrid_sizes else ((2, w // 2) if w >= 4 and w % 2 == 0 else None)
+                if hyb is None or hyb[0] * hyb[1] != w:
+                    notes.append(f"hybrid skipped at N={w}: needs --hybrid-sizes a2a,p2p with a2a*p2p={w}")
+                    continue
+            if m in ("ulysses", "hybrid") and cfg.heads % (w if m == "ulysses" else hyb[0]):
+                notes.append(f"{m} skipped at N={w}: {cfg.heads} heads do not split")
+                continue
+            for lay in layouts:
+                yield dict(base, method=m, layout=lay, hybrid=hyb)
+        for p in peers:
+            why = peer_status(p, device=cfg.device, world=w, hq=cfg.heads, hkv=cfg.kv_heads)
+            if why is None:
+                yield dict(base, method=p, layout=peer_layout(p), peer=True)
+            else:
+                notes.append(f"peer {p} skipped at N={w}: {why}")
+
+
+def _cores(cfg, world: int) -> int:
+    return world if cfg.device == "cuda" else min(world, os.cpu_count() or 1)
+
+
+def _summary(cell, res, single, ref, cfg) -> dict:
+    """Aggregate the per-rank results of one cell into one row."""
+    n = len(res)
+    fwd = [max(r["fwd"][i] for r in res) for i in range(len(res[0]["fwd"]))]
+    tot = [max(r["tot"][i] for r in res) for i in range(len(res[0]["tot"]))]
+    cores = _cores(cfg, cell["world"])
+    threads = sorted(t for t in single if t <= cores)
+    ideal_f = min(t * statistics.median(single[t][0]) for t in threads) / cores
+    ideal_t = min(t * statistics.median(single[t][1]) for t in threads) / cores
+    row = dict(cell, fwd_s=statistics.median(fwd), fwd_spread_s=max(fwd) - min(fwd), fwd_times=fwd,
+               tot_s=statistics.median(tot), tot_spread_s=max(tot) - min(tot), tot_times=tot,
+               ideal_fwd_s=ideal_f, ideal_tot_s=ideal_t, cores=cores)
+    row["eff_fwd"], row["eff_tot"] = ideal_f / row["fwd_s"], ideal_t / row["tot_s"]
+    for key in ("fwd_recv", "fwd_sent", "bwd_recv", "bwd_sent", "saved_bytes"):
+        row[key] = max(r[key] for r in res)
+    th = theory_recv_bytes(cell["method"], n, batch=cell["batch"], seq_len=cell["seq_len"],
+                           hq=cell["heads"], hkv=cell["kv_heads"], head_dim=cell["head_dim"],
+                           elem=torch.empty(0, dtype=getattr(torch, cell["dtype"])).element_size(),
+                           hybrid=cell["hybrid"])
+    row["theory_fwd"], row["theory_bwd"] = th
+    counted = not cell["peer"]
+    row["bytes_ratio"] = ((row["fwd_recv"] + row["bwd_recv"]) / sum(th)) if counted and sum(th) else (
+        1.0 if counted else None)
+    known = res[0]["compute"] is not None
+    row["compute_s"] = statistics.mean(r["compute"] for r in res) if known else None
+    row["blocked_s"] = statistics.mean(r["traced_wall"] - r["compute"] for r in res) if known else None
+    row["traced_wall_s"] = max(r["traced_wall"] for r in res)
+    row["ring_compute_s"] = [sum(e[4] - e[3] for e in r["events"] if e[2] == "compute") for r in res]
+    row["ring_wait_s"] = [sum(e[4] - e[3] for e in r["events"] if e[2] == "wait") for r in res]
+    row["events"] = [r["events"] for r in res]
+    row["cuda_peak"] = max(r["cuda_peak"] for r in res) if res[0]["cuda_peak"] is not None else None
+    if ref is not None:
+        got = [torch.zeros_like(t, dtype=res[0]["tensors"][i].dtype) for i, t in enumerate(ref)]
+        for r in res:
+            for g, t in zip(got, r["tensors"]):
+                g[:, r["positions"]] = t
+        row.update(rel_errors(got, ref))
+    return row
+
+
+def run(args) -> int:
+    from ctxpar.apps.bench.plots import markdown_table, plot_scaling, plot_timeline
+    from ctxpar.apps.launch import RankPool
+
+    cfg = _resolve(args)
+    os.makedirs(cfg.out, exist_ok=True)
+    notes: list[str] = []
+    cells = list(_cells(cfg, notes))
+    layer_worlds = _ints(cfg.layer_worlds)
+    opts = dict(device=cfg.device, warmup=cfg.warmup, repeats=cfg.repeats, errors=cfg.errors)
+    singles: dict = {}  # (S, dtype, causal) -> {threads: (fwd times, tot times, tensors)}
+    refs: dict = {}
+    rows, layer_rows = [], []
+    t_start = time.perf_counter()
+    ngpu = torch.cuda.device_count() if cfg.device == "cuda" else 0
+    for w in sorted({c["world"] for c in cells} | {x for x in layer_worlds if x > 1}):
+        if cfg.device == "cuda" and w > ngpu:
+            notes.append(f"N={w} skipped: needs one GPU per rank ({ngpu} GPU(s))")
+            continue
+        w_cells = [c for c in cells if c["world"] == w]
+        for c in w_cells:  # single-process baselines first, while no rank is busy
+            key = (c["seq_len"], c["dtype"], c["causal"])
+            single = singles.setdefault(key, {})
+            for t in sorted({1, _cores(cfg, w)} if cfg.device == "cpu" else {1}):
+                if t not in single:
+                    single[t] = single_process(c, t, cfg.warmup, cfg.repeats, cfg.device)
+            if cfg.errors and key not in refs:
+                refs[key] = reference(c)
+        backend = "nccl" if cfg.device == "cuda" else "gloo"
+        with RankPool(w, backend=backend, threads=1, collective_timeout_s=cfg.timeout) as pool:
+            for c in w_cells:
+                key = (c["seq_len"], c["dtype"], c["causal"])
+                res = pool.run(rank_cell, c, opts, timeout=cfg.timeout)
+                rows.append(_summary(c, res, singles[key], refs.get(key), cfg))
+                print(f"[{time.perf_counter() - t_start:6.1f}s] N={w} S={c['seq_len']} {c['method']}/"
+                      f"{c['layout']} {c['dtype']} causal={c['causal']}: fwd+bwd {rows[-1]['tot_s']:.4f}s "
+                      f"eff {rows[-1]['eff_tot']:.3f}", flush=True)
+            if w in layer_worlds and w > 1:
+                for m in cfg.methods.split(","):
+                    hyb = (2, w // 2) if m == "hybrid" and w >= 4 and w % 2 == 0 else None
+                    if m == "hybrid" and hyb is None:
+                        continue
+                    res = pool.run(rank_layer_memory, m, cfg.layer_seq_len, cfg.device, hyb, timeout=cfg.timeout)
+                    layer_rows.append(dict(method=m, world=w, seq_len=cfg.layer_seq_len,
+                                           saved_bytes=max(r["saved_bytes"] for r in res),
+                                           cuda_peak=res[0]["cuda_peak"]))
+    if 1 in layer_worlds:  # a world of one, in this process (no torch.distributed needed)
+        r1 = rank_layer_memory("ring", cfg.layer_seq_len, cfg.device)
+        layer_rows.insert(0, dict(method="(any)", world=1, seq_len=cfg.layer_seq_len, **r1))
+    base = {}
+    for key, single in singles.items():
+        base[f"S={key[0]} {key[1]} causal={key[2]}"] = {
+            f"{t}_threads": {"fwd_s": statistics.median(v[0]), "tot_s": statistics.median(v[1]),
+                             **(rel_errors(v[2], refs[key]) if key in refs else {})}
+            for t, v in single.items()}
+    result = {"config": {k: v for k, v in vars(cfg).items()}, "machine": _machine(cfg),
+              "single_process": base, "cells": rows, "layer_memory": layer_rows, "notes": notes,
+              "elapsed_s": time.perf_counter() - t_start}
+    with open(os.path.join(cfg.out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(markdown_table(result))
+    if cfg.plots:
+        for path in (plot_timeline(result, os.path.join(cfg.out, "timeline.png")),
+                     plot_scaling(result, os.path.join(cfg.out, "scaling.png"))):
+            print(f"wrote {path}")
+    print(f"wrote {os.path.join(cfg.out, 'results.json')} ({result['elapsed_s']:.0f} s)")
+    return 0
+
+
+def _machine(cfg) -> dict:
+    info = {"cpus": os.cpu_count(), "torch": torch.__version__, "device": cfg.device}
+    if cfg.device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpus"] = torch.cuda.device_count()
+    return info

@@ -1,0 +1,240 @@
+"""``ctxpar verify``: every method x layout x masking case against the float64 reference,
+and the In-Place TTT layer against its float64 token-by-token reference.
+
+Runs on the current world under torchrun, or on ``--nproc`` local gloo processes it spawns.
+Prints a table of the worst relative error per case (maximum over ranks) over out, lse,
+dq, dk and dv for attention, and over out, the input gradient and every parameter
+gradient for TTT; it exits non-zero if any case is out of tolerance. It is the command to
+run on a new cluster.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+
+import torch
+
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    method: str
+    layout: str
+    causal: bool
+    dtype: str
+    window: tuple[int, int] = (-1, -1)
+    packed: bool = False
+    mesh: bool = False  # on the [2, world/2] hierarchical mesh (always for method "hybrid")
+
+    @property
+    def name(self) -> str:
+        mask = "causal" if self.causal else "full"
+        if self.method == "ttt":
+            mask = "chunks of 4"
+        if self.window != (-1, -1):
+            mask += f" window={self.window}"
+        if self.packed:
+            mask += " packed docs"
+        if self.mesh:
+            mask += " on a mesh"
+        return f"{self.method:10s} {self.layout:10s} {mask:26s} {self.dtype}"
+
+
+def build_cases(methods, layouts, dtypes, mesh: bool = False) -> list[Case]:
+    """Attention cases for ``methods`` (plus In-Place TTT cases when "ttt" is among them;
+    ``mesh``: the world also runs hierarchical meshes)."""
+    ttt = "ttt" in methods
+    methods = [m for m in methods if m != "ttt"]
+    cases = [Case(m, lay, c, dt) for m, lay, c, dt in itertools.product(methods, layouts, (False, True), dtypes)]
+    cases += [Case(m, lay, True, "float64", (5, 0)) for m, lay in itertools.product(methods, layouts)]
+    cases += [Case(m, lay, c, "float64", packed=True)
+              for m, lay, c in itertools.product(methods, layouts, (False, True))]
+    if ttt:
+        chunked = [lay for lay in layouts if lay != "striped"]  # TTT needs runs of whole chunks
+        cases += [Case("ttt", lay, True, dt) for lay, dt in itertools.product(chunked, dtypes)]
+        cases += [Case("ttt", lay, True, "float64", packed=True) for lay in chunked]
+        if mesh:
+            cases += [Case("ttt", lay, True, "float64", mesh=True) for lay in chunked]
+    return cases
+
+
+def _rel(x, ref) -> float:
+    x, ref = x.double(), ref.double()
+    finite = torch.isfinite(ref)
+    if not torch.equal(torch.isfinite(x), finite):
+        return float("inf")
+    return ((x[finite] - ref[finite]).abs().max() / ref[finite].abs().max().clamp(min=1.0)).item()
+
+
+def _check_case(case: Case, device: str, seq_len: int, group) -> float:
+    import ctxpar
+    from ctxpar.attn.reference import attention_reference
+
+    if case.method == "ttt":
+        return _check_ttt(case, device, seq_len, group)
+    dtype = getattr(torch, case.dtype)
+    gen = torch.Generator().manual_seed(1234)
+    b, hq, hkv, d = 2, 8, 2, 40
+    full = [torch.randn(b, seq_len, h, d, generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv, hq)]
+    ref_in = [t.clone().requires_grad_() for t in full[:3]]
+    cu = None
+    if case.packed:  # documents of 1 token, 7 tokens, a third of the rest, and the remainder
+        third = (seq_len - 8) // 3
+        cu = torch.tensor([0, 1, 8, 8 + third, seq_len - 3], dtype=torch.int32)
+        full = [t[:, : seq_len - 3] for t in full]
+        ref_in = [t.clone().requires_grad_() for t in full[:3]]
+    ro, rl = attention_reference(*ref_in, causal=case.causal, window=case.window, cu_seqlens=cu)
+    (ro * full[3]).sum().backward()
+    if case.packed:
+        return _check_packed(case, device, dtype, full, ref_in, ro, rl, cu, group)
+
+    def shard(t, dim=1):
+        return ctxpar.shard(t, group=group, layout=case.layout, dim=dim)
+
+    local = [shard(t).to(device=device, dtype=dtype).requires_grad_() for t in full[:3]]
+    out, lse = ctxpar.attention(*local, group=group, method=case.method, layout=case.layout,
+                                causal=case.causal, window=case.window, return_lse=True)
+    out.backward(shard(full[3]).to(device=device, dtype=dtype))
+    pairs = [(out, ro), (lse, rl)] + [(t.grad, r.grad) for t, r in zip(local, ref_in)]
+    return max(_rel(x.cpu(), shard(r.detach(), 2 if x is lse else 1)) for x, r in pairs)
+
+
+def _check_packed(case: Case, device, dtype, full, ref_in, ro, rl, cu, group) -> float:
+    import ctxpar
+
+    shards = [ctxpar.shard_packed(t, cu, layout=case.layout, group=group) for t in full]
+    local = [sh.tokens.to(device=device, dtype=dtype).requires_grad_() for sh in shards[:3]]
+    out, lse = ctxpar.attention(*local, group=group, method=case.method, layout=case.layout,
+                                causal=case.causal, cu_seqlens=cu, return_lse=True)
+    out.backward(shards[3].tokens.to(device=device, dtype=dtype))
+
+    def back(x, dim=1):
+        return ctxpar.unshard_packed(x.detach().cpu(), cu, layout=case.layout, dim=dim, group=group)
+
+    pairs = [(back(out), ro), (back(lse, 2), rl)] + [(back(t.grad), r.grad) for t, r in zip(local, ref_in)]
+    return max(_rel(x, r.detach()) for x, r in pairs)
+
+
+def _check_ttt(case: Case, device: str, seq_len: int, group) -> float:
+    """An In-Place TTT layer (fast weights away from init) on this rank's shard vs the
+    float64 token loop; packed: documents of 2NC-1 and 2NC tokens (zigzag: padded to whole
+    chunks per piece) or 4 and S-4 (contiguous), each checked against itself run alone."""
+    import torch.distributed as dist
+
+    import ctxpar
+    from ctxpar.dist.topology import resolve
+    from ctxpar.ttt import InPlaceTTTMLP
+    from ctxpar.ttt.reference import GatedMLP, documents_reference
+
+    d, ff, b, c = 16, 32, 2, 4
+    world = resolve(group).size
+    torch.manual_seed(1234)
+    layer = InPlaceTTTMLP(GatedMLP(d, ff).double(), chunk_size=c, layout=case.layout, group=group).double()
+    with torch.no_grad():
+        layer.ttt_conv.normal_()
+        layer.ttt_target.normal_(std=0.3)
+        layer.ttt_eta.fill_(0.3)
+    cu = None
+    if case.packed:
+        unit = 2 * world * c
+        cu = [0, 4, seq_len] if case.layout == "contiguous" else [0, unit - 1, 2 * unit - 1]
+    length = seq_len if cu is None else cu[-1]
+    gen = torch.Generator().manual_seed(99)
+    x, g = (torch.randn(b, length, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    ref_out, ref_dx, ref_grads = documents_reference(layer, x, g, cu or [0, length])
+    dtype = getattr(torch, case.dtype)
+    layer = layer.to(device=device, dtype=dtype)
+    if cu is None:
+        def shard(t):
+            return ctxpar.shard(t, group=group, layout=case.layout)
+
+        def back(t):
+            return ctxpar.unshard(t.detach(), group=group, layout=case.layout).cpu()
+    else:
+        cu = torch.tensor(cu, dtype=torch.int32)
+
+        def shard(t):
+            return ctxpar.shard_packed(t, cu, group=group, layout=case.layout).tokens
+
+        def back(t):
+            return ctxpar.unshard_packed(t.detach(), cu, group=group, layout=case.layout).cpu()
+    x_local = shard(x).to(device=device, dtype=dtype).requires_grad_()
+    out = layer(x_local, cu_seqlens=cu)
+    out.backward(shard(g).to(device=device, dtype=dtype))
+    errs = [_rel(back(out), ref_out), _rel(back(x_local.grad), ref_dx)]
+    for name, param in layer.named_parameters():
+        grad = param.grad.double()
+        if world > 1:  # per-rank shares; verify's CP group is the whole world
+            dist.all_reduce(grad)
+        errs.append(_rel(grad.cpu(), ref_grads[name]))
+    return max(errs)
+
+
+def verify_rank(cases: list[Case], device: str, seq_len: int) -> list[float | str]:
+    """Run every case on this rank; return its worst error per case (or the error text)."""
+    import ctxpar
+
+    results: list[float | str] = []
+    for case in cases:
+        group = None
+        if case.method == "hybrid" or case.mesh:
+            import torch.distributed as dist
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            group = ctxpar.cp_mesh(hierarchical_context_parallel_sizes=[2, world // 2],
+                                   device_type=device)
+        try:
+            results.append(_check_case(case, device, seq_len, group))
+        except Exception as e:  # noqa: BLE001 - reported in the table as a failure
+            results.append(f"{type(e).__name__}: {e}")
+    return results
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=2, help="local processes to spawn (ignored under torchrun)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--seq-len", type=int, default=0, help="global length (default: 8 chunks per rank)")
+    p.add_argument("--methods", default="all",
+                   help="comma-separated methods (and 'ttt' for the In-Place TTT layer), or 'all'")
+    p.add_argument("--dtypes", default="float64,float32,bfloat16")
+
+
+def run(args) -> int:
+    import ctxpar
+    from ctxpar.apps.launch import RankError, run_job, under_torchrun
+
+    methods = ([m for m in ctxpar.METHODS if m != "auto"] + ["ttt"] if args.methods == "all"
+               else args.methods.split(","))
+    world = int(__import__("os").environ.get("WORLD_SIZE", args.nproc)) if under_torchrun() else args.nproc
+    mesh = world >= 4 and world % 2 == 0
+    if not mesh:
+        methods = [m for m in methods if m != "hybrid"] if args.methods == "all" else methods
+    seq_len = args.seq_len or 8 * 2 * world
+    cases = build_cases(methods, ctxpar.LAYOUTS, args.dtypes.split(","), mesh=mesh)
+    try:
+        per_rank = run_job(verify_rank, cases, args.device, seq_len, nproc=args.nproc, device=args.device)
+    except RankError as e:
+        print(e)
+        return 1
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0
+    failed = 0
+    print(f"ctxpar verify: world={world} seq_len={seq_len} (attention: B=2, Hq=8, Hkv=2, D=40; "
+          f"ttt: B=2, D=16, F=32); worst relative error vs float64 over out, lse, dq, dk, dv "
+          f"(ttt: out, dx and every parameter gradient)")
+    print(f"{'case':58s} {'error':>10s}  result")
+    for i, case in enumerate(cases):
+        errs = [r[i] for r in per_rank]
+        text = next((e for e in errs if isinstance(e, str)), None)
+        if text is not None:
+            failed += 1
+            print(f"{case.name:58s} {'-':>10s}  FAIL {text[:80]}")
+            continue
+        worst = max(errs)
+        ok = worst <= TOLERANCE[case.dtype]
+        failed += not ok
+        print(f"{case.name:58s} {worst:10.2e}  {'pass' if ok else 'FAIL'}")
+    print(f"{len(cases) - failed}/{len(cases)} cases passed")
+    return 1 if failed else 0

@@ -1,0 +1,115 @@
+"""All-gather K/V attention (Llama-3 style): every rank gathers all K/V, keeps its queries.
+
+Forward, rank r of N:
+
+1. post the all-gather of its packed ``[2, B, S/N, Hkv, D]`` K/V (Hkv heads, never
+   expanded to Hq) *asynchronously*;
+2. meanwhile compute its queries against its own K/V (the diagonal tiles, which need no
+   communication);
+3. wait, then compute the tiles against every other rank's K/V that its queries can see.
+
+The tiles are those of ``ctxpar.attn.tiles.plan_segments``, by global position, for every
+(q rank, kv rank) pair, exactly as in the ring: every layout, packed documents, causal
+masking and windows work, and blocks no query can see are skipped (under causal, only the needed prefix is
+computed: for the contiguous layout rank r computes against ranks 0..r only). Tile results
+are folded into fp32 (fp64) accumulators with the LSE merge; that merge is local, a few
+elementwise ops over ``S/N`` rows per tile, with no communication.
+
+Backward: the gathered K/V are *saved* from the forward (memory ``2·B·S·Hkv·D`` elements
+per rank, small under GQA), so K/V are gathered once per forward+backward. dQ accumulates
+locally; the dK/dV of every rank's block accumulate in one fp32 ``[N, 2, B, S/N, Hkv, D]``
+buffer, which a single reduce-scatter sums over ranks and returns to the owners.
+
+Bytes each rank receives per call (``Sl = S/N``, ``e`` the element size):
+forward ``(N-1)·2·B·Sl·Hkv·D·e`` (one all-gather); backward ``(N-1)·2·B·Sl·Hkv·D·4``
+(one reduce-scatter, fp32 so that the sum over ranks is not rounded to bf16; 8 for fp64).
+"""
+from __future__ import annotations
+
+import torch
+
+from ctxpar.attn.kernels import block_backward, block_forward
+from ctxpar.attn.merge import OutputAccumulator
+from ctxpar.attn.options import AttnOptions
+from ctxpar.attn.tiles import plan_segments
+from ctxpar.dist import collectives as comms
+from ctxpar.dist.topology import CPGroup, CPTopology
+from ctxpar.numerics import acc_dtype
+from ctxpar.observe.counters import record_compute
+from ctxpar.sequence.spec import ShardSpec
+
+__all__ = ["allgather_attention"]
+
+
+def _plans(grp: CPGroup, spec: ShardSpec, causal: bool, window):
+    """``[(src, tiles)]`` for every source rank with work, this rank's own block first."""
+    order = [grp.rank] + [s for s in range(grp.size) if s != grp.rank]
+    plans = []
+    mine = spec.share(grp.rank)
+    for src in order:
+        tiles = plan_segments(mine, spec.share(src), causal=causal, window=window,
+                              diagonal=src == grp.rank)
+        if tiles:
+            plans.append((src, tiles))
+    return plans
+
+
+class _AllGatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, grp: CPGroup, spec: ShardSpec, causal: bool, window, scale: float,
+                backend: str):
+        plans = _plans(grp, spec, causal, window)
+        local = torch.stack([k, v])  # [2, B, Sl, Hkv, D]: one collective for K and V
+        gathered, work = comms.all_gather(grp, local, async_op=True)  # [N, 2, B, Sl, Hkv, D]
+        acc = OutputAccumulator(q, v.shape[-1], plans[0][1][0] if plans and plans[0][1] else None)
+        waited = False
+        for src, tiles in plans:
+            if src == grp.rank:
+                kv = local  # the diagonal: computed while the gather is in flight
+            else:
+                if not waited:
+                    work.wait()
+                    waited = True
+                kv = gathered[src]
+            for t in tiles:
+                record_compute("block_fwd", t.score_elements)
+                o_b, l_b = block_forward(q[:, t.q0:t.q1], kv[0, :, t.k0:t.k1], kv[1, :, t.k0:t.k1],
+                                         band=t.band, scale=scale, backend=backend)
+                acc.add(t, o_b, l_b)
+        if not waited:
+            work.wait()  # nothing needed the other blocks (e.g. contiguous rank 0, causal)
+        out, lse = acc.out.to(q.dtype), acc.lse
+        ctx.save_for_backward(q, gathered, out, lse)
+        ctx.grp, ctx.plans, ctx.scale, ctx.backend = grp, plans, scale, backend
+        ctx.kv_dtypes = (k.dtype, v.dtype)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, gathered, out, lse = ctx.saved_tensors
+        cdt = acc_dtype(q.dtype)
+        dout = dout.to(q.dtype)
+        dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
+        dkv = torch.zeros(gathered.shape, dtype=cdt, device=q.device)  # every rank's block
+        for src, tiles in ctx.plans:
+            kv = gathered[src]
+            for t in tiles:
+                record_compute("block_bwd", t.score_elements)
+                gq, gk, gv = block_backward(
+                    dout[:, t.q0:t.q1], q[:, t.q0:t.q1], kv[0, :, t.k0:t.k1], kv[1, :, t.k0:t.k1],
+                    out[:, t.q0:t.q1], lse[:, :, t.q0:t.q1], band=t.band, scale=ctx.scale,
+                    backend=ctx.backend)
+                dq[:, t.q0:t.q1] += gq
+                dkv[src, 0, :, t.k0:t.k1] += gk
+                dkv[src, 1, :, t.k0:t.k1] += gv
+        mine = comms.reduce_scatter(ctx.grp, dkv)  # [2, B, Sl, Hkv, D], summed over ranks
+        kd, vd = ctx.kv_dtypes
+        return dq.to(q.dtype), mine[0].to(kd), mine[1].to(vd), None, None, None, None, None, None
+
+
+def allgather_attention(q, k, v, topo: CPTopology, spec: ShardSpec, opts: AttnOptions):
+    """All-gather K/V attention over a 1-D ``topo`` (see :mod:`ctxpar.attn.options`).
+    Returns ``(out, lse)``."""
+    return _AllGatherAttention.apply(q, k, v, topo.ring, spec, opts.causal, opts.window,
+                                     opts.scale, opts.backend)

@@ -1,0 +1,317 @@
+"""Ulysses attention (DeepSpeed-Ulysses): trade a sequence shard for a head shard.
+
+Forward, on a CP group of N ranks (the *Ulysses degree*)::
+
+    q [B, S/N, Hq, D] --all-to-all--> [B, S, Hq/N, D]       (k, v likewise)
+    local attention over the whole sequence, Hq/N heads
+    out [B, S, Hq/N, D] --all-to-all--> [B, S/N, Hq, D]
+
+Backward is the mirror image: one all-to-all for dout, the local backward, three for dq,
+dk, dv. Each all-to-all is a differentiable autograd Function (:class:`_SeqToHead`,
+:class:`_HeadToSeq`), so the same pieces serve the hierarchical method (``ctxpar.attn.hybrid``),
+where the local attention is replaced by a ring over the other mesh axis.
+
+**Layouts.** After the all-to-all a rank holds every rank's tokens in rank order (the
+layout's *gathered order*), not in global order. We permute once to global order
+(``index_select`` over the sequence, O(S·Hq/N·D) bytes, folded into the copy that the
+all-to-all needs anyway) and run one plain causal kernel, then permute back before the
+return all-to-all. For zigzag the alternative, masking tiles of the gathered order by
+global position, needs N² tile calls and N LSE merges over S rows; the permutation costs
+less than one merge and keeps the fused kernel's causal block skipping. For the
+contiguous layout the gathered order *is* the global order and nothing is permuted.
+
+**Masks.** All masking of the local attention goes through :func:`global_tiles`, by
+*global* position: one run of tiles per document (``cu_seqlens``; the whole sequence
+without it), each from :func:`span_tiles` (causal, sliding window). Tiles never cross a
+document and never cover padding, whose rows get ``out = 0``, ``lse = -inf``.
+
+**GQA.** With ``Hkv % N == 0`` the K/V heads are scattered like the query heads. Otherwise
+each K/V head is replicated ``rep = N / gcd(Hkv, N)`` times before the all-to-all (the
+smallest count giving ``lcm(Hkv, N)`` heads, which both splits evenly over N ranks and
+keeps the uniform head mapping ``h -> h // (Hq / Hkv)`` the kernels use), so each rank
+receives ``Hkv' / N = Hkv / gcd(Hkv, N)`` K/V heads: exactly the one it needs when
+``Hkv`` divides N (e.g. Hq=8, Hkv=2, N=4: rank j gets K/V head j // 2). The backward sums
+the gradients of the replicas (in fp32). Bytes each rank sends (= receives) per call,
+``e`` the element size, ``Sl = S/N``::
+
+    forward:  (N-1)/N · B·Sl·D·e · (Hq [q] + 2·Hkv' [k, v] + Hq [out])
+              (+ (N-1)/N · B·Hq·Sl·4 with return_lse: the LSE rides in the out all-to-all)
+    backward: the same, for dout, dq, dk, dv
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ctxpar.attn.kernels import block_backward, block_forward
+from ctxpar.attn.options import AttnOptions
+from ctxpar.attn.tiles import Tile, segment_band
+from ctxpar.dist import collectives as comms
+from ctxpar.dist.topology import CPGroup, CPTopology
+from ctxpar.numerics import acc_dtype
+from ctxpar.observe.counters import record_compute
+from ctxpar.sequence.layouts import Segment
+from ctxpar.sequence.spec import ShardSpec
+
+__all__ = ["ulysses_attention", "check_heads", "kv_replication", "span_tiles", "global_tiles",
+           "seq_to_head", "head_to_seq"]
+
+_WINDOW_ROWS = 512  # query rows per tile under a sliding window (keeps the dense masks small)
+
+
+def check_heads(hq: int, degree: int, method: str = "ulysses") -> None:
+    """Raise a ValueError naming the values when ``hq`` does not split over ``degree``."""
+    if hq % degree:
+        raise ValueError(
+            f"method={method!r} needs the query heads (Hq={hq}) to be divisible by the Ulysses "
+            f"degree ({degree}); use a degree that divides {hq}, or method='ring'")
+
+
+def kv_replication(hkv: int, degree: int) -> int:
+    """How many times each K/V head is replicated before the all-to-all: ``degree /
+    gcd(hkv, degree)`` (1 when ``hkv % degree == 0``)."""
+    return degree // math.gcd(hkv, degree)
+
+
+# ------------------------------------------------------------------------ all-to-alls
+
+
+def _seq_to_head(x: torch.Tensor, grp: CPGroup, order: torch.Tensor | None) -> torch.Tensor:
+    """``[B, Sl, H, D]`` (local order) -> ``[B, S, H/N, D]`` (global order when ``order``
+    is given, else gathered order). The result is a strided view of a ``[S, B, H/N, D]``
+    buffer: sequence-major, so the received chunks concatenate without a copy."""
+    n = grp.size
+    if n == 1:
+        return x
+    b, sl, h, d = x.shape
+    send = x.unflatten(2, (n, h // n)).permute(2, 1, 0, 3, 4)  # [N, Sl, B, H/N, D]
+    seq = comms.all_to_all_single(grp, send).view(n * sl, b, h // n, d)
+    if order is not None:
+        seq = seq.index_select(0, order)
+    return seq.transpose(0, 1)
+
+
+def _head_to_seq(y: torch.Tensor, lse: torch.Tensor | None, grp: CPGroup,
+                 positions: torch.Tensor | None):
+    """``[B, S, h, D]`` (global order if ``positions``, else gathered order) and optionally
+    ``lse [B, h, S]`` -> ``([B, S/N, N·h, D], [B, N·h, S/N] or None)``. The LSE travels in
+    the same all-to-all as ``y`` (one byte buffer), so the count stays one per call."""
+    n = grp.size
+    if n == 1:
+        return y, lse
+    b, s, h, d = y.shape
+    sl = s // n
+    seq = y.transpose(0, 1)  # [S, B, h, D]
+    if positions is not None:
+        seq = seq.index_select(0, positions)  # gathered order: chunk j is rank j's tokens
+    if lse is None:
+        recv = comms.all_to_all_single(grp, seq.reshape(n, sl, b, h, d))
+        return recv.permute(2, 1, 0, 3, 4).reshape(b, sl, n * h, d), None
+    if positions is not None:
+        lse = lse.index_select(2, positions)
+    nb_y = _pad8(sl * b * h * d * y.element_size())
+    nb_l = _pad8(b * h * sl * lse.element_size())
+    send = torch.empty(n, nb_y + nb_l, dtype=torch.uint8, device=y.device)
+    _part(send, 0, nb_y, y.dtype, (n, sl, b, h, d)).copy_(seq.view(n, sl, b, h, d))
+    _part(send, nb_y, nb_l, lse.dtype, (n, b, h, sl)).copy_(lse.reshape(b, h, n, sl).permute(2, 0, 1, 3))
+    recv = comms.all_to_all_single(grp, send)
+    out = _part(recv, 0, nb_y, y.dtype, (n, sl, b, h, d)).permute(2, 1, 0, 3, 4).reshape(b, sl, n * h, d)
+    lse_out = _part(recv, nb_y, nb_l, lse.dtype, (n, b, h, sl)).permute(1, 0, 2, 3).reshape(b, n * h, sl)
+    return out, lse_out
+
+
+def _pad8(nbytes: int) -> int:
+    return -(-nbytes // 8) * 8
+
+
+def _part(buf: torch.Tensor, offset: int, nbytes: int, dtype, shape) -> torch.Tensor:
+    """A typed view of bytes ``[offset, offset + nbytes)`` of every row of ``buf``."""
+    numel = math.prod(shape[1:])
+    return buf[:, offset:offset + nbytes].view(dtype)[:, :numel].view(shape)
+
+
+def _fold_replicas(g: torch.Tensor, rep: int) -> torch.Tensor:
+    if rep == 1:
+        return g
+    b, sl, h, d = g.shape
+    return g.view(b, sl, h // rep, rep, d).sum(3, dtype=acc_dtype(g.dtype)).to(g.dtype)
+
+
+class _SeqToHead(torch.autograd.Function):
+    """Sequence shard -> head shard (``rep``: replicate each head first, for GQA)."""
+
+    @staticmethod
+    def forward(ctx, x, grp: CPGroup, order, positions, rep: int):
+        ctx.grp, ctx.positions, ctx.rep = grp, positions, rep
+        if rep > 1:
+            x = x.repeat_interleave(rep, dim=2)
+        return _seq_to_head(x, grp, order)
+
+    @staticmethod
+    def backward(ctx, g):
+        gx, _ = _head_to_seq(g, None, ctx.grp, ctx.positions)
+        return _fold_replicas(gx, ctx.rep), None, None, None, None
+
+
+class _HeadToSeq(torch.autograd.Function):
+    """Head shard -> sequence shard; the LSE (optional, not differentiable) rides along."""
+
+    @staticmethod
+    def forward(ctx, y, lse, grp: CPGroup, positions, order):
+        ctx.grp, ctx.order = grp, order
+        out, lse_out = _head_to_seq(y, lse, grp, positions)
+        if lse_out is None:
+            lse_out = y.new_empty(0, dtype=acc_dtype(y.dtype))
+        ctx.mark_non_differentiable(lse_out)
+        return out, lse_out
+
+    @staticmethod
+    def backward(ctx, gout, _glse):
+        return _seq_to_head(gout, ctx.grp, ctx.order), None, None, None, None
+
+
+def seq_to_head(x, grp: CPGroup, *, order=None, positions=None, rep: int = 1):
+    """Differentiable sequence-to-head all-to-all; see :func:`_seq_to_head`."""
+    if grp.size == 1 and rep == 1:
+        return x
+    return _SeqToHead.apply(x, grp, order, positions, rep)
+
+
+def head_to_seq(y, lse, grp: CPGroup, *, positions=None, order=None):
+    """Differentiable head-to-sequence all-to-all; returns ``(out, lse or None)``."""
+    if grp.size == 1:
+        return y, lse
+    out, lse_out = _HeadToSeq.apply(y, lse, grp, positions, order)
+    return out, (lse_out if lse is not None else None)
+
+
+# --------------------------------------------------------------------- local attention
+
+
+def span_tiles(lq: int, lk: int, q_start: int, k_start: int, *, causal: bool,
+               window: tuple[int, int] = (-1, -1)) -> list[Tile]:
+    """Tiles for queries at global positions ``[q_start, q_start + lq)`` against keys at
+    ``[k_start, k_start + lk)``. The tiles cover disjoint query rows, so their results
+    are written, never merged. Without a window this is one tile (plain causal when the
+    spans coincide); with one, query rows are cut into blocks of ``_WINDOW_ROWS``, each
+    against only the keys its window can reach."""
+    left, right = window
+    if left < 0 and right < 0:
+        band = segment_band(Segment(q_start, lq), Segment(k_start, lk), causal, window)
+        return [] if band is None else [Tile(0, lq, 0, lk, band)]
+    tiles = []
+    for q0 in range(0, lq, _WINDOW_ROWS):
+        q1 = min(lq, q0 + _WINDOW_ROWS)
+        first, last = q_start + q0, q_start + q1 - 1  # global positions of the rows
+        k0 = 0 if left < 0 else max(0, first - left - k_start)
+        reach = last if causal else (last + right if right >= 0 else k_start + lk - 1)
+        if causal and right >= 0:
+            reach = min(reach, last + right)
+        k1 = min(lk, reach - k_start + 1)
+        if k0 >= k1:
+            continue
+        band = segment_band(Segment(first, q1 - q0), Segment(k_start + k0, k1 - k0), causal, window)
+        if band is not None:
+            tiles.append(Tile(q0, q1, k0, k1, band))
+    return tiles
+
+
+class _LocalAttention(torch.autograd.Function):
+    """Attention of one rank's full-sequence head shard; ``tiles`` from :func:`span_tiles`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, tiles: list[Tile], scale: float, backend: str):
+        b, sq, hq, d = q.shape
+        whole = len(tiles) == 1 and tiles[0].q1 - tiles[0].q0 == sq
+        if whole:
+            t = tiles[0]
+            out, lse = block_forward(q, k[:, t.k0:t.k1], v[:, t.k0:t.k1], band=t.band,
+                                     scale=scale, backend=backend)
+        else:
+            out = q.new_zeros(b, sq, hq, v.shape[-1])
+            lse = torch.full((b, hq, sq), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
+            for t in tiles:
+                o, l = block_forward(q[:, t.q0:t.q1], k[:, t.k0:t.k1], v[:, t.k0:t.k1],
+                                     band=t.band, scale=scale, backend=backend)
+                out[:, t.q0:t.q1] = o
+                lse[:, :, t.q0:t.q1] = l
+        for t in tiles:
+            record_compute("block_fwd", t.score_elements)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.tiles, ctx.scale, ctx.backend = tiles, scale, backend
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        tiles = ctx.tiles
+        dout = dout.to(q.dtype)
+        cdt = acc_dtype(q.dtype)
+        for t in tiles:
+            record_compute("block_bwd", t.score_elements)
+        if len(tiles) == 1 and (tiles[0].q1 - tiles[0].q0, tiles[0].k1 - tiles[0].k0) == (q.shape[1], k.shape[1]):
+            dq, dk, dv = block_backward(dout, q, k, v, out, lse, band=tiles[0].band,
+                                        scale=ctx.scale, backend=ctx.backend)
+        else:
+            dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
+            dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
+            dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
+            for t in tiles:
+                gq, gk, gv = block_backward(
+                    dout[:, t.q0:t.q1], q[:, t.q0:t.q1], k[:, t.k0:t.k1], v[:, t.k0:t.k1],
+                    out[:, t.q0:t.q1], lse[:, :, t.q0:t.q1], band=t.band, scale=ctx.scale,
+                    backend=ctx.backend)
+                dq[:, t.q0:t.q1] += gq
+                dk[:, t.k0:t.k1] += gk
+                dv[:, t.k0:t.k1] += gv
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def global_tiles(seq_len: int, runs, *, causal: bool, window=(-1, -1)) -> list[Tile]:
+    """Tiles of a whole sequence in global order (positions ``0..seq_len-1``), attention
+    restricted to each run ``(start, end)`` of one document."""
+    tiles = []
+    for a, b in runs:
+        for t in span_tiles(b - a, b - a, a, a, causal=causal, window=window):
+            tiles.append(Tile(t.q0 + a, t.q1 + a, t.k0 + a, t.k1 + a, t.band))
+    return tiles
+
+
+def _global_view(spec: ShardSpec, n: int, device):
+    """For the concatenation of every rank's tokens (the gathered order): the global
+    position of each token (None if already in order), the permutation to global order
+    (None likewise) and the document runs ``(start, end)`` in global order."""
+    positions = torch.cat([spec.share_positions(r) for r in range(n)])
+    in_order = bool(torch.equal(positions, torch.arange(positions.numel())))
+    order = None if in_order else torch.argsort(positions)
+    if spec.docs is None:
+        runs = [(0, spec.seq_len)]
+    else:
+        doc = torch.cat([spec.share_doc_ids(r) for r in range(n)])
+        doc = doc if order is None else doc[order]
+        cuts = (torch.nonzero(doc[1:] != doc[:-1]).flatten() + 1).tolist()
+        bounds = [0] + cuts + [doc.numel()]
+        runs = [(a, b) for a, b in zip(bounds, bounds[1:]) if int(doc[a]) >= 0]
+    if in_order:
+        return None, None, runs
+    return positions.to(device), order.to(device), runs
+
+
+# ------------------------------------------------------------------------ the method
+
+
+def ulysses_attention(q, k, v, topo: CPTopology, spec: ShardSpec, opts: AttnOptions):
+    """Ulysses attention over a 1-D ``topo`` (see :mod:`ctxpar.attn.options`). Returns
+    ``(out, lse)`` (``lse`` None when ``opts.return_lse`` is False)."""
+    grp = topo.ring
+    n = grp.size
+    positions, order, runs = _global_view(spec, n, q.device)
+    rep = kv_replication(k.shape[2], n)
+    qh = seq_to_head(q, grp, order=order, positions=positions)
+    kh = seq_to_head(k, grp, order=order, positions=positions, rep=rep)
+    vh = seq_to_head(v, grp, order=order, positions=positions, rep=rep)
+    tiles = global_tiles(spec.seq_len, runs, causal=opts.causal, window=opts.window)
+    oh, lh = _LocalAttention.apply(qh, kh, vh, tiles, opts.scale, opts.backend)
+    return head_to_seq(oh, lh if opts.return_lse else None, grp, positions=positions, order=order)

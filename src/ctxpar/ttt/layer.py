@@ -1,0 +1,291 @@
+"""In-Place Test-Time Training (arXiv 2604.06169) for gated MLPs, under context parallelism.
+
+The math (one sequence; B sequences of a batch are independent)
+----------------------------------------------------------------
+H ``[S, D]`` is the MLP input, F = d_ff, C the chunk size, chunk i the rows [iC, (i+1)C).
+
+- Gated MLP: ``Z = act(H W_gateᵀ) ⊙ (H W_upᵀ)``, ``[S, F]``; act = SiLU by default.
+- Target: ``V̂ = Conv(T) W_targetᵀ``, ``[S, D]``. T is the MLP input (default, for continual
+  training of a pretrained model) or the token embeddings. Conv is depthwise, kernel 5,
+  centred (two tokens back, two ahead), zero-initialised, and zero-padded at *chunk* edges:
+  it never crosses a chunk boundary, since a conv across chunks would leak token t+1 into
+  the weights used at t. W_target ``[D, D]`` starts as a small random diagonal.
+- Update: ``ΔW_i = V̂_iᵀ Z_i`` ``[D, F]`` (the shape of W_down), optionally scaled to Frobenius
+  norm ≤ τ.
+- Apply: ``W_(i) = W_0 + η Σ_{j<i} ΔW_j`` (an *exclusive* prefix: a chunk never sees its own
+  delta), ``O_i = Z_i W_(i)ᵀ``, W_0 = down_proj.weight, η a learnable or fixed scalar.
+- At init the conv is zero, so V̂ = 0, ΔW = 0 and the layer equals the wrapped MLP exactly.
+
+Packed documents (``cu_seqlens``: the original global boundaries ``[0, l1, l1+l2, ..., S]``,
+tokens sharded by :func:`ctxpar.shard_packed`, the same convention as attention): chunks
+are counted on the padded sequence that ``shard_packed`` lays out, and chunk i *resets*
+when a document starts inside it, ``iC <= start < (i+1)C``. A reset chunk and the chunks
+after it see only deltas from the reset chunk on: W_(i) = W_0 for the reset chunk itself.
+Deltas are per chunk, so the reset chunk's own delta (which may hold the previous
+document's last tokens) still feeds the next chunks of the new document. When every
+(padded) document is whole chunks, each document starts on a chunk boundary and is
+computed exactly as if it ran alone. zigzag pads each document to a multiple of 2N and
+splits it in 2N pieces, so that needs documents padding to multiples of 2N·C.
+
+Context parallelism: each rank holds blocks of whole chunks, one per run of consecutive
+tokens of its shard (one for ``layout="contiguous"``, two for ``"zigzag"``; on a
+hierarchical mesh, the runs of its piece of the ring rank's shard; with packed zigzag,
+two pieces per document, merged where they touch). Block summaries are combined by an exclusive
+(segmented) scan over the global block order, :mod:`ctxpar.scan`; see :mod:`ctxpar.ttt.ops`
+for the fast path, its backward and its memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctxpar.dist.agreement import check_agree_on, cu_checksum, dtype_code, text_code
+from ctxpar.dist.collectives import all_reduce
+from ctxpar.dist.topology import resolve
+from ctxpar.numerics import acc_dtype
+from ctxpar.scan import ALGORITHMS
+from ctxpar.sequence.layouts import get_layout
+from ctxpar.ttt.ops import TTTApply, chunk_delta
+from ctxpar.ttt.plan import Plan, build_plan
+
+__all__ = ["TTTConfig", "InPlaceTTTMLP", "TTTState"]
+
+TARGETS = ("mlp_input", "embeddings")
+
+
+@dataclasses.dataclass(frozen=True)
+class TTTConfig:
+    """Options of :class:`InPlaceTTTMLP` (validated on construction)."""
+
+    chunk_size: int = 1024
+    target: str = "mlp_input"          # or "embeddings"
+    conv_kernel: int = 5               # odd: centred on the token
+    eta: float = 1e-2                  # initial η
+    learn_eta: bool = True             # η is a Parameter (else a buffer)
+    clip_tau: float | None = None      # Frobenius clip of each chunk's ΔW
+    target_init_std: float = 0.02      # std of W_target's random diagonal
+    layout: str = "contiguous"         # CP sequence layout: "contiguous" or "zigzag"
+    scan_algorithm: str = "allgather"  # see ctxpar.scan.ALGORITHMS
+    overlap: bool = True               # see ctxpar.ttt.ops: gather during the chunk loop
+    check_args: bool = True            # one small all-gather per call: shapes agree across ranks
+
+    def __post_init__(self):
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if not isinstance(self.conv_kernel, int) or self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
+            raise ValueError(f"conv_kernel must be a positive odd int, got {self.conv_kernel!r}")
+        if not math.isfinite(self.eta):
+            raise ValueError(f"eta must be finite, got {self.eta!r}")
+        if self.clip_tau is not None and not (self.clip_tau > 0 and math.isfinite(self.clip_tau)):
+            raise ValueError(f"clip_tau must be None or a positive finite number, got {self.clip_tau!r}")
+        if not self.target_init_std >= 0:
+            raise ValueError(f"target_init_std must be >= 0, got {self.target_init_std!r}")
+        if not get_layout(self.layout).consecutive_runs:
+            raise ValueError(
+                f"layout={self.layout!r} is not supported by In-Place TTT: a rank of it holds no "
+                f"run of consecutive tokens, so no chunk lives on one rank; use "
+                f"layout='contiguous' or 'zigzag'")
+        if self.scan_algorithm not in ALGORITHMS:
+            raise ValueError(f"scan_algorithm must be one of {ALGORITHMS}, got {self.scan_algorithm!r}")
+
+
+@dataclasses.dataclass
+class TTTState:
+    """Streaming state: ``delta`` ``[B, D, F]`` is Σ of the completed chunks' ΔW (carry dtype);
+    ``t_buf`` ``[B, n, D]`` / ``z_buf`` ``[B, n, F]`` hold the n < C tokens of the open chunk."""
+
+    delta: torch.Tensor
+    t_buf: torch.Tensor
+    z_buf: torch.Tensor
+    position: int = 0
+
+
+class InPlaceTTTMLP(nn.Module):
+    """A gated MLP whose down projection is a fast weight (see the module docstring).
+
+    ``mlp`` needs ``gate_proj``, ``up_proj``, ``down_proj`` (``nn.Linear``) and optionally
+    ``act_fn`` (SiLU if absent). Its submodules are reused, not copied: their parameters keep
+    their names (``gate_proj.weight``, ...) and ``requires_grad``. New parameters, all
+    trainable: ``ttt_conv`` ``[D, 1, k]`` (zeros), ``ttt_target`` ``[D, D]`` (W_target) and
+    ``ttt_eta`` (a buffer instead if ``learn_eta=False``).
+
+    ``forward(x [B, S_local, D], *, embeddings=None, cu_seqlens=None) -> [B, S_local, D]``.
+    Under CP, ``x`` is this rank's shard in ``layout`` order on ``group`` (a ProcessGroup,
+    1-D DeviceMesh or CPGroup; None = WORLD if initialised, else one process; or a
+    hierarchical ``("ring", "ulysses")`` mesh from :func:`ctxpar.cp_mesh`, sharded as
+    :func:`ctxpar.shard` does on it, with ``scan_algorithm="allgather"``). Parameter
+    gradients are this rank's share: sum them over the group, as for any replicated weight.
+    """
+
+    def __init__(self, mlp: nn.Module, *, config: TTTConfig | None = None, group=None, **options):
+        super().__init__()
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(TTTConfig)})
+        if unknown:
+            raise ValueError(f"unknown InPlaceTTTMLP option(s) {unknown}; see TTTConfig")
+        cfg = dataclasses.replace(config or TTTConfig(), **options)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            if not isinstance(getattr(mlp, name, None), nn.Linear):
+                raise ValueError(f"InPlaceTTTMLP wraps a gated MLP with nn.Linear {name}; "
+                                 f"{type(mlp).__name__} has {type(getattr(mlp, name, None)).__name__}")
+        self.config, self.group = cfg, group
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.act_fn = getattr(mlp, "act_fn", None) or nn.SiLU()
+        w0 = self.down_proj.weight
+        d = w0.shape[0]
+        kw = dict(dtype=w0.dtype, device=w0.device)
+        self.ttt_conv = nn.Parameter(torch.zeros(d, 1, cfg.conv_kernel, **kw))
+        diag = torch.randn(d, dtype=torch.float32, device=w0.device) * cfg.target_init_std
+        self.ttt_target = nn.Parameter(torch.diag(diag).to(w0.dtype))
+        eta = torch.tensor(float(cfg.eta), **kw)
+        if cfg.learn_eta:
+            self.ttt_eta = nn.Parameter(eta)
+        else:
+            self.register_buffer("ttt_eta", eta)
+        self._embedding_tap = None  # set by convert(target="embeddings")
+        self._document_tap = None  # set by convert(): the decoder layer's packed documents
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"chunk_size={c.chunk_size}, target={c.target!r}, layout={c.layout!r}, "
+                f"clip_tau={c.clip_tau}, scan={c.scan_algorithm!r}")
+
+    # -------------------------------------------------------------------------- pieces
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Z = act(x W_gateᵀ) ⊙ (x W_upᵀ): ``[B, S, F]``."""
+        return self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+
+    def targets(self, t: torch.Tensor) -> torch.Tensor:
+        """V̂ = Conv(t) W_targetᵀ for ``t`` ``[B, S, D]`` with S a multiple of the chunk size;
+        the conv is zero-padded at every chunk edge."""
+        bsz, s, d = t.shape
+        c = self.config.chunk_size
+        chunks = t.reshape(bsz * (s // c), c, d).transpose(1, 2)
+        conv = F.conv1d(chunks, self.ttt_conv, padding=self.config.conv_kernel // 2, groups=d)
+        return F.linear(conv.transpose(1, 2).reshape(bsz, s, d), self.ttt_target)
+
+    def _target_source(self, x, embeddings):
+        if self.config.target == "mlp_input":
+            return x
+        if embeddings is None and self._embedding_tap is not None:
+            embeddings = self._embedding_tap.value
+        if embeddings is None or embeddings.shape != x.shape:
+            raise ValueError(f"target='embeddings' needs embeddings shaped like the input "
+                             f"{tuple(x.shape)}; got {None if embeddings is None else tuple(embeddings.shape)}")
+        return embeddings
+
+    def plan(self, local_len: int, cu_seqlens=None) -> Plan:
+        """This rank's blocks of chunks, with their reset flags (see :func:`build_plan`)."""
+        return build_plan(self.config, resolve(self.group), local_len, cu_seqlens)
+
+    # ------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *, embeddings=None, cu_seqlens=None) -> torch.Tensor:
+        """``x``: ``[B, S_local, D]``. ``cu_seqlens``: the original global boundaries of packed
+        documents, with ``x`` sharded by :func:`ctxpar.shard_packed` (as for attention); a
+        chunk where a document starts restarts the fast weight. Inside a model converted by
+        :func:`convert` they come from the decoder layer's ``cu_seq_lens_q`` keyword."""
+        if cu_seqlens is None and self._document_tap is not None:
+            cu_seqlens = self._document_tap.value
+        if x.dim() != 3:
+            raise ValueError(f"expected x of shape [batch, seq, hidden], got {tuple(x.shape)}")
+        source, error = self._checked_target_source(x, embeddings, cu_seqlens)
+        if error is not None:
+            raise error
+        plan = self.plan(x.shape[1], cu_seqlens)
+        z = self.activations(x)
+        v = self.targets(source)
+        return TTTApply.apply(z, v, self.down_proj.weight, self.down_proj.bias, self.ttt_eta, plan)
+
+    # ----------------------------------------------------------------------- streaming
+    @torch.no_grad()
+    def prefill_state(self, x: torch.Tensor, *, embeddings=None) -> TTTState:
+        """The streaming state after a prefill run under CP: ``x`` is this rank's shard
+        ``[B, S_local, D]`` of a prompt of whole chunks, as given to :meth:`forward`. Every
+        rank gets the same state (Σ of every chunk's ΔW: the chunk sums are additive, so one
+        all-reduce of a ``[B, D, F]`` carry), ready for :meth:`step` on the tokens that
+        follow, on any process."""
+        topo = resolve(self.group)
+        source, error = self._checked_target_source(x, embeddings, None)
+        if error is not None:
+            raise error
+        self.plan(x.shape[1])  # checks that the shard is whole chunks
+        acc = acc_dtype(self.down_proj.weight.dtype)
+        z = self.activations(x)
+        v = self.targets(source)
+        c = self.config.chunk_size
+        if self.config.clip_tau is None:  # Σ_i V̂_iᵀ Z_i is one product over all rows
+            delta = torch.bmm(v.to(acc).transpose(1, 2), z.to(acc))
+        else:
+            delta = sum(chunk_delta(v[:, i:i + c].to(acc), z[:, i:i + c].to(acc), self.config.clip_tau)[0]
+                        for i in range(0, x.shape[1], c))
+        delta = delta.contiguous()
+        for grp in (topo.ulysses, topo.ring):
+            all_reduce(grp, delta)
+        return TTTState(delta, x.new_zeros(x.shape[0], 0, x.shape[2]),
+                        z.new_zeros(x.shape[0], 0, z.shape[2]), x.shape[1] * topo.size)
+
+    def _checked_target_source(self, x, embeddings, cu_seqlens):
+        """The target source, or the error to raise, after the cross-rank agreement check
+        (``check_args``): different shard shapes or options on two ranks would give them
+        different plans, so wrong carries or a hung collective; they fail on every rank
+        instead (ValueError naming the ranks). A bad ``embeddings`` argument is one of the
+        checked fields, so a rank never raises it alone while its peers wait."""
+        try:
+            source, error = self._target_source(x, embeddings), None
+        except ValueError as e:
+            source, error = None, e
+        if self.config.check_args:
+            c = self.config
+            options = f"{c.layout} {c.scan_algorithm} {c.clip_tau!r} {c.target} {c.conv_kernel}"
+            fields = {"batch": x.shape[0], "S_local": x.shape[1], "hidden": x.shape[2],
+                      "dtype": dtype_code(x.dtype), "chunk_size": c.chunk_size,
+                      "options (layout, scan, clip, target, conv)": text_code(options),
+                      "target source ok": int(error is None),
+                      "cu_seqlens checksum": cu_checksum(cu_seqlens)}
+            check_agree_on(resolve(self.group), fields, "InPlaceTTTMLP inputs", device=x.device,
+                           shown=("batch", "S_local", "hidden", "chunk_size"))
+        return source, error
+
+    def step(self, x: torch.Tensor, state: TTTState | None = None, *, embeddings=None):
+        """Streaming prefill/decode: ``x`` ``[B, n, D]`` (a prompt or one token, the full
+        tokens, not a shard) -> ``(out [B, n, D], state)``. A chunk's delta enters the fast
+        weight when the chunk completes (its conv looks ahead within the chunk), so the
+        outputs equal the full-sequence forward. No communication: after a CP prefill
+        (:meth:`prefill_state`) any process can decode. Document resets: a fresh state."""
+        if state is None and resolve(self.group).size > 1:
+            raise ValueError("step() without a state starts a sequence on one process, but this "
+                             f"layer's group has {resolve(self.group).size} ranks; prefill "
+                             "under CP with forward() and prefill_state(), then step() from that state")
+        c = self.config.chunk_size
+        w0 = self.down_proj.weight
+        acc = acc_dtype(w0.dtype)
+        bsz, d, nf = x.shape[0], w0.shape[0], w0.shape[1]
+        if state is None:
+            state = TTTState(torch.zeros(bsz, d, nf, dtype=acc, device=x.device),
+                             x.new_zeros(bsz, 0, d), x.new_zeros(bsz, 0, nf))
+        t_all, z_all = self._target_source(x, embeddings), self.activations(x)
+        eta = self.ttt_eta.to(acc)
+        outs, pos = [], 0
+        while pos < x.shape[1]:
+            take = min(c - state.t_buf.shape[1], x.shape[1] - pos)
+            z_r = z_all[:, pos:pos + take]
+            if acc != z_r.dtype:
+                base = F.linear(z_r, w0, self.down_proj.bias).to(acc)
+                o = base + torch.bmm(z_r.to(acc), (eta * state.delta).transpose(1, 2))
+            else:
+                o = F.linear(z_r, w0, self.down_proj.bias) + torch.bmm(z_r, (eta * state.delta).transpose(1, 2))
+            outs.append(o.to(x.dtype))
+            t_buf = torch.cat([state.t_buf, t_all[:, pos:pos + take]], 1)
+            z_buf = torch.cat([state.z_buf, z_r], 1)
+            delta = state.delta
+            if t_buf.shape[1] == c:  # the chunk is complete: fold its delta in
+                dw, _ = chunk_delta(self.targets(t_buf).to(acc), z_buf.to(acc), self.config.clip_tau)
+                delta, t_buf, z_buf = delta + dw, t_buf[:, :0], z_buf[:, :0]
+            state = TTTState(delta, t_buf, z_buf, state.position + take)
+            pos += take
+        return torch.cat(outs, 1), state
