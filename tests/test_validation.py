@@ -55,6 +55,12 @@ def _mismatch(field):
         kw["layout"] = "striped" if odd else "zigzag"
     if field == "method" and odd:
         kw["method"] = "ulysses"
+    if field == "scale":
+        kw["scale"] = 0.5 if odd else 0.1
+    if field == "return_lse":
+        kw["return_lse"] = odd
+    if field == "backend":
+        kw["backend"] = "math" if odd else "auto"
     if field == "cu_seqlens":
         kw["layout"] = "contiguous"
         kw["cu_seqlens"] = torch.tensor([0, 10, 24] if odd else [0, 12, 24], dtype=torch.int32)
@@ -63,7 +69,8 @@ def _mismatch(field):
 
 
 @pytest.mark.parametrize("field", ["S_local", "Hq", "head_dim", "dtype", "causal", "window",
-                                   "layout", "method", "cu_seqlens"])
+                                   "layout", "method", "cu_seqlens", "scale", "return_lse",
+                                   "backend"])
 def test_cross_rank_mismatch_raises_everywhere(run_ranks, field):
     if field == "method" and "ulysses" not in ctxpar.METHODS:
         pytest.skip("needs a second method")
@@ -72,7 +79,8 @@ def test_cross_rank_mismatch_raises_everywhere(run_ranks, field):
     err = info.value
     assert sorted(err.failures) == [0, 1, 2], "every rank must raise"
     assert set(err.exc_types.values()) == {"ValueError"}
-    name = {"window": "window_left", "cu_seqlens": "cu_seqlens checksum"}.get(field, field)
+    name = {"window": "window_left", "cu_seqlens": "cu_seqlens checksum",
+            "scale": "scale (bits)"}.get(field, field)
     for text in err.failures.values():
         assert f"{name} differs on rank(s) [1]" in text, text[-400:]
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ctxpar.attn.kernels import block_backward, block_forward
+from ctxpar.attn.kernels import block_backward, block_forward, refuse_double_backward
 from ctxpar.attn.merge import OutputAccumulator
 from ctxpar.attn.options import AttnOptions
 from ctxpar.attn.tiles import plan_segments
@@ -87,6 +87,7 @@ class _AllGatherAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
+        refuse_double_backward()
         q, gathered, out, lse = ctx.saved_tensors
         cdt = acc_dtype(q.dtype)
         dout = dout.to(q.dtype)

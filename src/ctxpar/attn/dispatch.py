@@ -27,6 +27,7 @@ from ctxpar.attn.ring import ring_attention
 from ctxpar.attn.ulysses import check_heads, kv_replication, ulysses_attention
 from ctxpar.dist.agreement import check_consistent_args
 from ctxpar.dist.topology import CPTopology, resolve
+from ctxpar.numerics import acc_dtype
 from ctxpar.sequence.layouts import get_layout
 from ctxpar.sequence.spec import ShardSpec
 
@@ -77,6 +78,22 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     hq, hkv = q.shape[2], k.shape[2]
     if hkv == 0 or hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if hq == 0:
+        raise ValueError(f"q must have at least one head; got shape {tuple(q.shape)}")
+    if q.shape[3] == 0:
+        raise ValueError(f"head_dim must be positive; got q {tuple(q.shape)}")
+
+
+def _autocast_inputs(q, k, v):
+    """Under ``torch.autocast`` (as for SDPA, an autocast op): q, k and v in the autocast
+    dtype, so that e.g. RoPE-promoted fp32 q/k meet a bf16 v; float64 stays float64. The
+    method then runs with autocast off: its own accumulation dtypes are explicit."""
+    dev = q.device.type
+    if not torch.is_autocast_enabled(dev):
+        return q, k, v
+    low = torch.get_autocast_dtype(dev)
+    return tuple(t.to(low) if t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in (q, k, v))
 
 
 def choose_method(topo: CPTopology, hq: int, hkv: int) -> str:
@@ -154,21 +171,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
     """
     cfg = AttentionConfig(method=method, layout=layout, causal=causal, window=window,
                           backend=backend)
+    q, k, v = _autocast_inputs(q, k, v)
     check_qkv(q, k, v)
     topo = resolve(group)  # no communication; a mesh without the axes raises here
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if check_args:
         # Before any method-specific check: a rank whose arguments differ must fail in the
         # agreement check together with its peers, not alone (which would hang them).
         check_consistent_args(topo, q, k, causal=cfg.causal, window=cfg.window,
-                              layout=cfg.layout, method=cfg.method, cu_seqlens=cu_seqlens)
+                              layout=cfg.layout, method=cfg.method, scale=scale,
+                              backend=cfg.backend, return_lse=return_lse, cu_seqlens=cu_seqlens)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite; got {scale}")
     method = _check_method(cfg.method, topo, q.shape[2], k.shape[2])
     # The one validation of the lengths (and documents) against the layout and topology.
     spec = ShardSpec.make(get_layout(cfg.layout), topo, q.shape[1], cu_seqlens)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite; got {scale}")
+    if q.numel() == 0:  # empty shards on every rank (the lengths agree): nothing to attend
+        out = q * 0.0  # keeps the autograd connection to q
+        lse = torch.zeros(q.shape[0], q.shape[2], q.shape[1], dtype=acc_dtype(q.dtype), device=q.device)
+        return (out, lse) if return_lse else out
     opts = AttnOptions(cfg.causal, cfg.window, scale, cfg.backend, return_lse)
-    out, lse = _METHODS[method](q, k, v, topo, spec, opts)
+    with torch.autocast(q.device.type, enabled=False):
+        out, lse = _METHODS[method](q, k, v, topo, spec, opts)
     return (out, lse) if return_lse else out
 
 

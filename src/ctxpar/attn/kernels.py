@@ -28,19 +28,30 @@ from ctxpar.attn import kernels_cuda
 from ctxpar.attn.tiles import Band
 from ctxpar.numerics import acc_dtype
 
-__all__ = ["block_forward", "block_backward", "BACKENDS", "pick_backend"]
+__all__ = ["block_forward", "block_backward", "BACKENDS", "pick_backend", "refuse_double_backward"]
 
 BACKENDS = ("auto", "cpu_flash", "cuda_flash", "cuda_efficient", "math")
 _NEG_INF = float("-inf")
 
 
-def pick_backend(q: torch.Tensor, backend: str = "auto") -> str:
+# torch's fused CPU flash kernel loses a NaN of q (and, for one key, of k) when the block has
+# fewer keys than a SIMD vector holds (16 fp32/bf16 lanes, 8 fp64 with AVX-512; fewer on
+# narrower ISAs): out and lse come back finite. Such blocks are tiny, so they take the math
+# path, which propagates NaN like SDPA over the whole sequence does.
+_CPU_FLASH_MIN_KEYS = 16
+
+
+def pick_backend(q: torch.Tensor, backend: str = "auto", keys: int | None = None) -> str:
+    """The kernel for a block of ``q`` against ``keys`` keys (``backend`` "auto": the fused
+    kernel of the device and dtype)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "cpu_flash" and keys is not None and keys < _CPU_FLASH_MIN_KEYS:
+        return "math"
     if backend != "auto":
         return backend
     if q.device.type == "cpu":
-        return "cpu_flash"
+        return "cpu_flash" if keys is None or keys >= _CPU_FLASH_MIN_KEYS else "math"
     if q.device.type == "cuda":
         if q.dtype in (torch.float16, torch.bfloat16):
             return "cuda_flash"
@@ -90,6 +101,18 @@ def _causal_shift(band: Band) -> int | None:
     return None
 
 
+def refuse_double_backward() -> None:
+    """Called first in every attention autograd Function's backward, before any message.
+    Inside a backward the engine enables grad mode only for ``create_graph=True``; the
+    kernels' gradients are not differentiable, so refuse (on every rank alike: all reach
+    this point) rather than hand back a gradient that silently has no graph."""
+    if torch.is_grad_enabled():
+        raise NotImplementedError(
+            "ctxpar.attention supports first-order gradients only: its backward is not "
+            "differentiable (torch.autograd.grad(..., create_graph=True) or a gradient "
+            "penalty through attention is not supported)")
+
+
 # --------------------------------------------------------------------------- forward
 
 
@@ -97,7 +120,7 @@ def block_forward(q, k, v, *, band: Band, scale: float, backend: str = "auto",
                   mask: torch.Tensor | None = None):
     """Attention of ``q`` against ``k``/``v`` under ``band`` (and the boolean ``[Sq, Sk]``
     ``mask`` when given, e.g. same-document); returns ``(out, lse)``."""
-    backend = pick_backend(q, backend)
+    backend = pick_backend(q, backend, keys=k.shape[1])
     b, lq, hq, d = q.shape
     lk = k.shape[1]
     if mask is not None:
@@ -186,7 +209,7 @@ def block_backward(dout, q, k, v, out, lse, *, band: Band, scale: float, backend
     ``(dq, dk, dv)`` in fp32 (fp64 for fp64 inputs), ``dk``/``dv`` with Hkv heads. With
     ``upcast=False`` a fused kernel's gradients may come back in the input dtype, for a
     caller that adds them straight into fp32 accumulators (saves a copy per block)."""
-    backend = pick_backend(q, backend)
+    backend = pick_backend(q, backend, keys=k.shape[1])
     cdt = acc_dtype(q.dtype)
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]

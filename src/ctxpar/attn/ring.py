@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ctxpar.attn.kernels import block_backward, block_forward
+from ctxpar.attn.kernels import block_backward, block_forward, refuse_double_backward
 from ctxpar.attn.merge import OutputAccumulator
 from ctxpar.attn.options import AttnOptions
 from ctxpar.attn.tiles import Tile, plan_segments, ring_steps
@@ -86,6 +86,7 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
+        refuse_double_backward()
         q, k, v, out, lse = ctx.saved_tensors
         grp, plans, steps = ctx.grp, ctx.plans, ctx.steps
         cdt = acc_dtype(q.dtype)

@@ -44,7 +44,7 @@ import math
 
 import torch
 
-from ctxpar.attn.kernels import block_backward, block_forward
+from ctxpar.attn.kernels import block_backward, block_forward, refuse_double_backward
 from ctxpar.attn.options import AttnOptions
 from ctxpar.attn.tiles import Tile, segment_band
 from ctxpar.dist import collectives as comms
@@ -150,6 +150,7 @@ class _SeqToHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        refuse_double_backward()
         gx, _ = _head_to_seq(g, None, ctx.grp, ctx.positions)
         return _fold_replicas(gx, ctx.rep), None, None, None, None
 
@@ -168,6 +169,7 @@ class _HeadToSeq(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gout, _glse):
+        refuse_double_backward()
         return _seq_to_head(gout, ctx.grp, ctx.order), None, None, None, None
 
 
@@ -245,6 +247,7 @@ class _LocalAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
+        refuse_double_backward()
         q, k, v, out, lse = ctx.saved_tensors
         tiles = ctx.tiles
         dout = dout.to(q.dtype)

@@ -2,7 +2,10 @@
 
 One ``all_gather`` of a short int64 vector per call (a few dozen bytes) compares, across the
 CP group: the local sequence length, batch, head counts, head_dim, dtype, causal flag,
-window, layout, method and a checksum of ``cu_seqlens``. A mismatch raises the same
+window, softmax scale, layout, method, backend, ``return_lse`` and a checksum of
+``cu_seqlens``: every argument of ``ctxpar.attention`` that changes what the ranks compute or
+send. (``check_args`` itself cannot be checked: a rank that skips the check while its peers
+run it leaves them waiting.) A mismatch raises the same
 ``ValueError`` on every rank, naming the ranks that differ and the field, instead of a hang
 (mismatched transfer sizes) or silently wrong attention.
 
@@ -11,6 +14,7 @@ training script is known to be consistent (it costs one small collective per cal
 """
 from __future__ import annotations
 
+import struct
 import zlib
 
 import torch
@@ -35,8 +39,17 @@ def cu_checksum(cu_seqlens) -> int:
     return zlib.crc32(",".join(str(int(x)) for x in values).encode()) & 0x7FFFFFFF
 
 
+def float_code(x: float | None) -> int:
+    """The bits of a float (-1 for None) as an int, so that equal floats compare equal."""
+    if x is None:
+        return -1
+    return int.from_bytes(struct.pack("<d", float(x)), "little", signed=True)
+
+
 def check_consistent_args(topo: CPTopology, q: torch.Tensor, k: torch.Tensor, *, causal: bool,
-                          window, layout: str, method: str, cu_seqlens=None) -> None:
+                          window, layout: str, method: str, scale: float | None = None,
+                          backend: str = "auto", return_lse: bool = False,
+                          cu_seqlens=None) -> None:
     """Raise ValueError on every rank if these attention arguments differ between ranks."""
     if topo.size == 1:
         return
@@ -50,13 +63,16 @@ def check_consistent_args(topo: CPTopology, q: torch.Tensor, k: torch.Tensor, *,
         "causal": int(bool(causal)),
         "window_left": int(window[0]),
         "window_right": int(window[1]),
+        "scale (bits)": float_code(scale),
         "layout": text_code(layout),
         "method": text_code(method),
+        "backend": text_code(backend),
+        "return_lse": int(bool(return_lse)),
         "cu_seqlens checksum": cu_checksum(cu_seqlens),
     }
     check_agree_on(topo, fields, "ctxpar.attention arguments", device=q.device,
                    shown=("batch", "S_local", "Hq", "Hkv", "head_dim", "causal", "window_left",
-                          "window_right"))
+                          "window_right", "return_lse"))
 
 
 def check_agree_on(topo: CPTopology, fields: dict[str, int], what: str, device=None,

@@ -8,10 +8,12 @@ internals are patched):
    registry, ``transformers.AttentionInterface.register(name, fn)``. Load or build the
    model with ``attn_implementation=name`` (or ``model.set_attn_implementation(name)``).
    The group/method/layout travel in the registered closure, so there is no global state
-   in ctxpar and several CP groups can coexist under different names. Because the name is
-   *not* in transformers' ``AttentionMaskInterface``, the model builds no dense causal
-   mask at all (its mask preparation early-exits and passes ``attention_mask=None``):
-   ctxpar masks by *global* position, which the sharding layout defines.
+   in ctxpar and several CP groups can coexist under different names. ctxpar masks by
+   *global* position, which the sharding layout defines, so the model needs no dense
+   mask: the same name is registered in transformers' ``AttentionMaskInterface`` with a
+   mask function that builds none. That function also sees the user's 2-D
+   ``attention_mask`` once per forward and refuses one with padding (zeros), which ctxpar
+   cannot honour; without it transformers would drop the mask silently.
 
 2. :func:`shard_batch` turns a full batch (identical on every rank) into this rank's CP
    shard: labels are shifted on the full sequence *before* sharding (so the label of the
@@ -58,7 +60,7 @@ from ctxpar.sequence.packing import shard_packed
 from ctxpar.sequence.sharding import position_ids as cp_position_ids, shard
 from ctxpar.sequence.spec import cp_multiple
 
-__all__ = ["register", "make_attention_function", "shard_batch", "CPBatch",
+__all__ = ["register", "make_attention_function", "refuse_padding_mask", "shard_batch", "CPBatch",
            "DEFAULT_NAME"]
 
 DEFAULT_NAME = "ctxpar"
@@ -143,6 +145,7 @@ def register(name: str = DEFAULT_NAME, *, group=None, method: str = "ring",
     ``ctxpar.METHODS``; for ``"hybrid"`` pass the 2-D mesh from ``ctxpar.cp_mesh``).
     """
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string; got {name!r}")
@@ -155,7 +158,22 @@ def register(name: str = DEFAULT_NAME, *, group=None, method: str = "ring",
     fn = make_attention_function(group=group, method=method, layout=layout, backend=backend,
                                  check_positions=check_positions, check_args=check_args)
     AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, refuse_padding_mask)
     return name
+
+
+def refuse_padding_mask(*, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> None:
+    """transformers' mask function for a ctxpar attention name (called once per forward
+    with the user's 2-D padding mask, if any): ctxpar needs no dense mask, so it returns
+    None, after refusing a mask with padding that it would otherwise silently ignore."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(
+            "ctxpar attention got an attention_mask with padding (zeros at "
+            f"{int((~attention_mask.bool()).sum())} position(s)); ctxpar masks by global "
+            "position and cannot honour a padding mask. Right padding: drop the mask and "
+            "exclude pads from the loss (shard_batch(attention_mask=...) does); packed "
+            "documents: pass cu_seqlens to shard_batch; left padding is not supported")
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 
 from ctxpar.dist.topology import resolve
 from ctxpar.sequence.layouts import get_layout
-from ctxpar.sequence.sharding import gather_ordered
+from ctxpar.sequence.sharding import check_gather_args, gather_ordered
 from ctxpar.sequence.spec import ShardSpec, cp_multiple
 
 __all__ = ["PackedShard", "PadInfo", "shard_packed", "unshard_packed", "pad_for_cp"]
@@ -65,11 +65,14 @@ def shard_packed(x: torch.Tensor, cu_seqlens, *, group=None, layout: str = "zigz
 
 
 def unshard_packed(x_local: torch.Tensor, cu_seqlens, *, group=None, layout: str = "zigzag",
-                   dim: int = 1) -> torch.Tensor:
+                   dim: int = 1, check_args: bool = True) -> torch.Tensor:
     """Invert :func:`shard_packed`: gather every rank's shard and return the original packed
-    order with padding dropped, ``[..., cu_seqlens[-1], ...]`` on every rank."""
+    order with padding dropped, ``[..., cu_seqlens[-1], ...]`` on every rank.
+    ``check_args`` as for :func:`ctxpar.unshard`."""
     topo = resolve(group)
     dim = dim % x_local.dim()
+    if check_args:
+        check_gather_args(topo, x_local, dim, layout, cu_seqlens)
     spec = ShardSpec.packed(get_layout(layout), topo, cu_seqlens)
     if spec.seq_len != x_local.shape[dim] * topo.size:
         raise ValueError(f"{x_local.shape[dim]} local tokens x {topo.size} ranks do not match "

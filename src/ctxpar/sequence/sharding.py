@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from ctxpar.dist.agreement import check_agree_on, cu_checksum, dtype_code, text_code
 from ctxpar.dist.collectives import all_gather
 from ctxpar.dist.topology import CPTopology, resolve
 from ctxpar.sequence.layouts import get_layout
 from ctxpar.sequence.spec import ShardSpec
 
-__all__ = ["shard", "unshard", "position_ids", "take_segments", "gather_ordered"]
+__all__ = ["shard", "unshard", "position_ids", "take_segments", "gather_ordered",
+           "check_gather_args"]
 
 
 def take_segments(x: torch.Tensor, segments, dim: int) -> torch.Tensor:
@@ -68,13 +70,30 @@ def gather_ordered(x_local: torch.Tensor, topo: CPTopology, index: torch.Tensor,
     return _GatherOrdered.apply(x_local, topo, index.to(x_local.device), dim)
 
 
-def unshard(x_local: torch.Tensor, *, group=None, layout: str = "zigzag", dim: int = 1) -> torch.Tensor:
+def check_gather_args(topo: CPTopology, x_local: torch.Tensor, dim: int, layout: str,
+                      cu_seqlens=None) -> None:
+    """Before a gather: every rank must hold a shard of one shape, dtype and token order, or
+    the all-gather fails inside the backend (or hangs); raise a ValueError on every rank."""
+    fields = {"S_local": x_local.shape[dim], "ndim": x_local.dim(), "dim": dim,
+              "other dims (product)": x_local.numel() // max(1, x_local.shape[dim]),
+              "dtype": dtype_code(x_local.dtype), "layout": text_code(layout),
+              "cu_seqlens checksum": cu_checksum(cu_seqlens)}
+    check_agree_on(topo, fields, "unshard arguments", device=x_local.device,
+                   shown=("S_local", "ndim", "dim", "other dims (product)"))
+
+
+def unshard(x_local: torch.Tensor, *, group=None, layout: str = "zigzag", dim: int = 1,
+            check_args: bool = True) -> torch.Tensor:
     """All-gather local shards back into the global order: ``[..., S/N, ...]`` ->
     ``[..., S, ...]`` on every rank. Differentiable: the computation downstream is taken
     to be replicated on every rank, so the backward returns this rank's slice of the
-    gradient (not a sum over ranks). ``group`` may be a hierarchical CP mesh."""
+    gradient (not a sum over ranks). ``group`` may be a hierarchical CP mesh.
+    ``check_args``: compare the shards' shapes, dtype and layout across ranks first (one
+    small all-gather)."""
     topo = resolve(group)
     dim = dim % x_local.dim()
+    if check_args:
+        check_gather_args(topo, x_local, dim, layout)
     spec = ShardSpec.make(get_layout(layout), topo, x_local.shape[dim])
     order = torch.argsort(torch.cat([spec.positions(q) for q in range(topo.size)]))
     return gather_ordered(x_local, topo, order, dim)
