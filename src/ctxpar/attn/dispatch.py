@@ -172,28 +172,35 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
     cfg = AttentionConfig(method=method, layout=layout, causal=causal, window=window,
                           backend=backend)
     q, k, v = _autocast_inputs(q, k, v)
+    method, topo, spec, opts = _prepare(cfg, q, k, v, group, scale, return_lse, cu_seqlens,
+                                        check_args)
+    if q.numel() == 0:  # empty shards on every rank (the lengths agree): nothing to attend
+        out = q * 0.0  # keeps the autograd connection to q
+        lse = torch.zeros(q.shape[0], q.shape[2], q.shape[1], dtype=acc_dtype(q.dtype), device=q.device)
+        return (out, lse) if return_lse else out
+    with torch.autocast(q.device.type, enabled=False):
+        out, lse = _METHODS[method](q, k, v, topo, spec, opts)
+    return (out, lse) if return_lse else out
+
+
+def _prepare(cfg: AttentionConfig, q, k, v, group, scale, return_lse: bool, cu_seqlens,
+             check_args: bool) -> tuple[str, CPTopology, ShardSpec, AttnOptions]:
+    """Every check of one call, once: local shapes, then (before any method-specific check,
+    so that a rank whose arguments differ fails together with its peers instead of alone,
+    which would hang them) the cross-rank agreement, then the method, the lengths against
+    the layout and topology (building the shard spec) and the scale."""
     check_qkv(q, k, v)
     topo = resolve(group)  # no communication; a mesh without the axes raises here
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if check_args:
-        # Before any method-specific check: a rank whose arguments differ must fail in the
-        # agreement check together with its peers, not alone (which would hang them).
         check_consistent_args(topo, q, k, causal=cfg.causal, window=cfg.window,
                               layout=cfg.layout, method=cfg.method, scale=scale,
                               backend=cfg.backend, return_lse=return_lse, cu_seqlens=cu_seqlens)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite; got {scale}")
     method = _check_method(cfg.method, topo, q.shape[2], k.shape[2])
-    # The one validation of the lengths (and documents) against the layout and topology.
     spec = ShardSpec.make(get_layout(cfg.layout), topo, q.shape[1], cu_seqlens)
-    if q.numel() == 0:  # empty shards on every rank (the lengths agree): nothing to attend
-        out = q * 0.0  # keeps the autograd connection to q
-        lse = torch.zeros(q.shape[0], q.shape[2], q.shape[1], dtype=acc_dtype(q.dtype), device=q.device)
-        return (out, lse) if return_lse else out
-    opts = AttnOptions(cfg.causal, cfg.window, scale, cfg.backend, return_lse)
-    with torch.autocast(q.device.type, enabled=False):
-        out, lse = _METHODS[method](q, k, v, topo, spec, opts)
-    return (out, lse) if return_lse else out
+    return method, topo, spec, AttnOptions(cfg.causal, cfg.window, scale, cfg.backend, return_lse)
 
 
 _METHODS = {"ring": ring_attention, "allgather": allgather_attention,

@@ -28,7 +28,8 @@ from ctxpar.attn import kernels_cuda
 from ctxpar.attn.tiles import Band
 from ctxpar.numerics import acc_dtype
 
-__all__ = ["block_forward", "block_backward", "BACKENDS", "pick_backend", "refuse_double_backward"]
+__all__ = ["block_forward", "block_backward", "BACKENDS", "pick_backend", "refuse_double_backward",
+           "saved_block_state"]
 
 BACKENDS = ("auto", "cpu_flash", "cuda_flash", "cuda_efficient", "math")
 _NEG_INF = float("-inf")
@@ -111,6 +112,14 @@ def refuse_double_backward() -> None:
             "ctxpar.attention supports first-order gradients only: its backward is not "
             "differentiable (torch.autograd.grad(..., create_graph=True) or a gradient "
             "penalty through attention is not supported)")
+
+
+def saved_block_state(ctx, dout: torch.Tensor):
+    """The start of a backward that saved ``(q, k, v, out, lse)``: refuse double backward,
+    then return ``(dout in q's dtype, q, k, v, out, lse)``."""
+    refuse_double_backward()
+    q, k, v, out, lse = ctx.saved_tensors
+    return dout.to(q.dtype), q, k, v, out, lse
 
 
 # --------------------------------------------------------------------------- forward

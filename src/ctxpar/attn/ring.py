@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ctxpar.attn.kernels import block_backward, block_forward, refuse_double_backward
+from ctxpar.attn.kernels import block_backward, block_forward, saved_block_state
 from ctxpar.attn.merge import OutputAccumulator
 from ctxpar.attn.options import AttnOptions
 from ctxpar.attn.tiles import Tile, plan_segments, ring_steps
@@ -86,11 +86,9 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        refuse_double_backward()
-        q, k, v, out, lse = ctx.saved_tensors
+        dout, q, k, v, out, lse = saved_block_state(ctx, dout)
         grp, plans, steps = ctx.grp, ctx.plans, ctx.steps
         cdt = acc_dtype(q.dtype)
-        dout = dout.to(q.dtype)
         dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
         kv_cur = torch.stack([k, v])
         kv_nxt = torch.empty_like(kv_cur) if steps > 1 else None

@@ -44,7 +44,8 @@ import math
 
 import torch
 
-from ctxpar.attn.kernels import block_backward, block_forward, refuse_double_backward
+from ctxpar.attn.kernels import (block_backward, block_forward, refuse_double_backward,
+                                 saved_block_state)
 from ctxpar.attn.options import AttnOptions
 from ctxpar.attn.tiles import Tile, segment_band
 from ctxpar.dist import collectives as comms
@@ -247,11 +248,8 @@ class _LocalAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        refuse_double_backward()
-        q, k, v, out, lse = ctx.saved_tensors
-        tiles = ctx.tiles
-        dout = dout.to(q.dtype)
-        cdt = acc_dtype(q.dtype)
+        dout, q, k, v, out, lse = saved_block_state(ctx, dout)
+        tiles, cdt = ctx.tiles, acc_dtype(q.dtype)
         for t in tiles:
             record_compute("block_bwd", t.score_elements)
         if len(tiles) == 1 and (tiles[0].q1 - tiles[0].q0, tiles[0].k1 - tiles[0].k0) == (q.shape[1], k.shape[1]):

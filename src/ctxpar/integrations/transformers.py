@@ -58,7 +58,7 @@ from ctxpar.dist.topology import resolve
 from ctxpar.sequence.layouts import get_layout
 from ctxpar.sequence.packing import shard_packed
 from ctxpar.sequence.sharding import position_ids as cp_position_ids, shard
-from ctxpar.sequence.spec import cp_multiple
+from ctxpar.sequence.spec import cp_multiple, parse_cu_seqlens
 
 __all__ = ["register", "make_attention_function", "refuse_padding_mask", "shard_batch", "CPBatch",
            "DEFAULT_NAME"]
@@ -254,16 +254,7 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
             raise ValueError("attention_mask must be right-padded (1...1 0...0) under CP")
         labels[~m] = ignore_index
     if cu_seqlens is not None:
-        cu = torch.as_tensor(cu_seqlens, dtype=torch.int64).cpu()
-        if cu.dim() != 1 or len(cu) < 2 or int(cu[0]) != 0 or int(cu[-1]) != s:
-            raise ValueError(f"cu_seqlens must be [0, ..., {s}] (1-D, ending at the sequence "
-                             f"length); got {cu.tolist()[:16]}")
-        shifted = shift_labels(labels, ignore_index=ignore_index, cu_seqlens=cu)
-        tok = shard_packed(input_ids, cu, group=group, layout=layout, value=0)
-        lab = shard_packed(shifted, cu, group=group, layout=layout, value=ignore_index)
-        return CPBatch(input_ids=tok.tokens, labels=lab.tokens,
-                       position_ids=tok.position_ids.unsqueeze(0).expand(b, -1),
-                       cu_seqlens=tok.cu_seqlens, seq_len=s)
+        return _shard_packed_batch(input_ids, labels, cu_seqlens, group, layout, ignore_index)
     shifted = shift_labels(labels, ignore_index=ignore_index)
     topo = resolve(group)
     mult = cp_multiple(get_layout(layout), topo.ring.size, topo.ulysses.size)
@@ -276,6 +267,24 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
         position_ids=position_ids.unsqueeze(0).expand(b, -1),
         seq_len=s,
     )
+
+
+def _shard_packed_batch(input_ids, labels, cu_seqlens, group, layout: str,
+                        ignore_index: int) -> CPBatch:
+    """:func:`shard_batch` for packed documents: per-document labels and positions."""
+    b, s = input_ids.shape
+    if torch.is_tensor(cu_seqlens) and cu_seqlens.dim() != 1:
+        raise ValueError(f"cu_seqlens must be 1-D; got shape {tuple(cu_seqlens.shape)}")
+    cu = torch.tensor(parse_cu_seqlens(cu_seqlens), dtype=torch.int64)  # ints, from 0, increasing
+    if int(cu[-1]) != s:
+        raise ValueError(f"cu_seqlens must be [0, ..., {s}] (1-D, ending at the sequence "
+                         f"length); got {cu.tolist()[:16]}")
+    shifted = shift_labels(labels, ignore_index=ignore_index, cu_seqlens=cu)
+    tok = shard_packed(input_ids, cu, group=group, layout=layout, value=0)
+    lab = shard_packed(shifted, cu, group=group, layout=layout, value=ignore_index)
+    return CPBatch(input_ids=tok.tokens, labels=lab.tokens,
+                   position_ids=tok.position_ids.unsqueeze(0).expand(b, -1),
+                   cu_seqlens=tok.cu_seqlens, seq_len=s)
 
 
 def _pad_to_multiple(ids: torch.Tensor, labels: torch.Tensor, mult: int, ignore_index: int):
