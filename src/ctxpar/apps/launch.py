@@ -8,21 +8,33 @@ A function shipped to the pool must be importable by name (a module-level functi
 rank returns its result, or its traceback tagged with its rank. A rank that hangs (for
 example in a collective its peers never join) makes :meth:`RankPool.run` raise
 :class:`RankTimeout` after the timeout; the pool is then dead and is respawned by its owner.
+
+Stopping: a rank exits by itself once its launcher is gone (it watches its parent), so even
+a SIGKILLed launcher leaves no orphan. The ``ctxpar`` command line also wraps its work in
+:func:`stop_on_signals`, which turns SIGTERM and SIGHUP into :class:`Stopped` (as Ctrl-C
+raises ``KeyboardInterrupt``) so that the pools kill their ranks on the way out.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing as mp
 import os
 import queue
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-__all__ = ["RankPool", "RankError", "RankTimeout"]
+__all__ = ["RankPool", "RankError", "RankTimeout", "Stopped", "stop_on_signals",
+           "under_torchrun", "run_job", "rank_device"]
+
+#: Signals that stop a launcher the way Ctrl-C does (see :func:`stop_on_signals`).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class RankError(RuntimeError):
@@ -40,7 +52,62 @@ class RankTimeout(RuntimeError):
     """Some ranks did not answer in time (a hang, e.g. in a collective)."""
 
 
-def _worker(rank, world, store_path, backend, threads, tasks, results, sys_path, env, timeout_s):
+class Stopped(BaseException):
+    """The launcher received ``signum`` (SIGTERM or SIGHUP) inside :func:`stop_on_signals`.
+
+    A BaseException, like ``KeyboardInterrupt``, so that only cleanup code (``finally``,
+    ``except BaseException``) sees it on its way to the command line, which exits with
+    ``exit_code`` = 128 + ``signum``, the shell's convention for "killed by the signal"."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """Within the block, ``signals`` raise :class:`Stopped` in the main thread instead of
+    ending the process on the spot: the default action would skip every cleanup and leave
+    the spawned ranks running. Later signals are ignored while that cleanup runs (it kills
+    the ranks, bounded by a few seconds). The previous handlers come back on exit. Only
+    for the launching process; a no-op outside the main thread, where Python cannot set
+    handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame) -> None:
+        for s in signals:
+            signal.signal(s, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def _exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """Rank side: end this process once its launcher is gone. A launcher killed outright
+    (SIGKILL, the OOM killer) runs no cleanup, and its ranks would otherwise wait for
+    tasks forever; once the parent dies this process is re-parented and ``getppid``
+    changes. A polling daemon thread rather than ``prctl(PR_SET_PDEATHSIG)``: that is
+    Linux-only and fires when the spawning *thread* exits, not the process."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ctxpar-exit-with-parent", daemon=True).start()
+
+
+def _worker(rank, world, store_path, backend, threads, tasks, results, sys_path, env, timeout_s,
+            parent_pid):
+    _exit_with_parent(parent_pid)
     sys.path[:] = sys_path
     os.environ.update(env)
     import torch
@@ -86,17 +153,21 @@ class RankPool:
         self._procs = []
         self._next_id = 0
         self.alive = True
-        for r in range(world_size):
-            p = ctx.Process(
-                target=_worker,
-                args=(r, world_size, os.path.join(self._dir, "store"), backend, threads,
-                      self._tasks[r], self._results, list(sys.path), dict(env or {}),
-                      collective_timeout_s),
-                daemon=True,
-            )
-            p.start()
-            self._procs.append(p)
-        self._collect("ready", start_timeout_s)
+        try:
+            for r in range(world_size):
+                p = ctx.Process(
+                    target=_worker,
+                    args=(r, world_size, os.path.join(self._dir, "store"), backend, threads,
+                          self._tasks[r], self._results, list(sys.path), dict(env or {}),
+                          collective_timeout_s, os.getpid()),
+                    daemon=True,
+                )
+                p.start()
+                self._procs.append(p)
+            self._collect("ready", start_timeout_s)
+        except BaseException:  # Ctrl-C or a signal while starting: no owner can close us yet
+            self.close(kill=True)
+            raise
 
     def _collect(self, task_id, timeout: float, grace: float = 5.0) -> dict[int, tuple]:
         got: dict[int, tuple] = {}

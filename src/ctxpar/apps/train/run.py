@@ -11,7 +11,8 @@ sequence, same initial weights, same batch).
 
 Under ``torchrun --nproc-per-node N -m ctxpar train ...`` each process is one rank (the
 process group comes from the environment; NCCL with ``--device cuda``). A failing rank
-stops every rank with its traceback and a non-zero exit; so does Ctrl-C.
+stops every rank with its traceback and a non-zero exit; so do Ctrl-C, SIGTERM and SIGHUP
+(exit 130, 143, 129: :mod:`ctxpar.apps.cli`).
 """
 from __future__ import annotations
 
@@ -136,9 +137,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         results = run_job(train_worker, cfg, nproc=cfg.nproc, device=cfg.device,
                           timeout=args.timeout, threads=1)
-    except KeyboardInterrupt:
-        print("\nctxpar train: interrupted; every rank was stopped", file=sys.stderr)
-        return 130
     except RankError as e:
         print(f"ctxpar train: failed on rank(s) {sorted(e.failures)}; all ranks stopped\n{e}",
               file=sys.stderr)
