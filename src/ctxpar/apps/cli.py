@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import signal
 import sys
 
@@ -20,6 +21,22 @@ SUBCOMMANDS = {
     "train": ("ctxpar.apps.train.run", "train a small long-context model with CP and compare with one process"),
     "bench": ("ctxpar.apps.bench.run", "measure speed, communication and memory of every method"),
 }
+
+
+def writable_dir(path: str, command: str, flag: str = "--out") -> str:
+    """Create directory ``path`` if needed and check that a file can be written in it,
+    before any work starts (a run should not fail at its very end because of its output
+    folder); else exit with one line naming ``flag`` and the path."""
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise SystemExit(f"ctxpar {command}: {flag} {path}: not a writable directory "
+                         f"({e.strerror or e})") from None
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -174,10 +174,11 @@ def _summary(cell, res, single, ref, cfg) -> dict:
 
 def run(args) -> int:
     from ctxpar.apps.bench.plots import markdown_table, plot_scaling, plot_timeline
+    from ctxpar.apps.cli import writable_dir
     from ctxpar.apps.launch import RankPool
 
     cfg = _resolve(args)
-    os.makedirs(cfg.out, exist_ok=True)
+    writable_dir(cfg.out, "bench")
     notes: list[str] = []
     cells = list(_cells(cfg, notes))
     layer_worlds = _ints(cfg.layer_worlds)

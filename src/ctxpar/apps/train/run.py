@@ -98,11 +98,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fail-step", type=int, default=-1, help=argparse.SUPPRESS)
 
 
+_MINIMUMS = {"steps": 1, "seq_len": 64, "nproc": 1, "batch_size": 1, "eval_batches": 0}
+
+
+def _check_minimums(args: argparse.Namespace) -> None:
+    """Exit with one line naming the flag and its value if a count is below its minimum."""
+    for name, least in _MINIMUMS.items():
+        value = getattr(args, name)
+        if value < least:
+            raise SystemExit(f"ctxpar train: --{name.replace('_', '-')} must be >= {least}; "
+                             f"got {value}")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     import ctxpar
+    from ctxpar.apps.cli import writable_dir
 
     if args.hcp is not None:
         a2a, p2p = args.hcp
+        if min(a2a, p2p) < 1:
+            raise SystemExit(f"ctxpar train: --hcp sizes must be >= 1; got --hcp {a2a} {p2p}")
         if args.nproc != a2a * p2p and "WORLD_SIZE" not in os.environ:
             args.nproc = a2a * p2p
     elif args.method not in ctxpar.METHODS or args.method == "hybrid":
@@ -115,8 +130,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if args.layout == "striped":
             raise SystemExit("ctxpar train: --ttt takes layout contiguous or zigzag (a striped "
                              "rank holds no run of consecutive tokens to chunk)")
-    if args.steps < 1 or args.seq_len < 64 or args.nproc < 1:
-        raise SystemExit("ctxpar train: need --steps >= 1, --seq-len >= 64, --nproc >= 1")
+    _check_minimums(args)
+    if args.out:
+        writable_dir(args.out, "train")
     return TrainConfig(
         nproc=args.nproc, seq_len=args.seq_len, steps=args.steps, batch_size=args.batch_size,
         method=args.method, layout=args.layout,
