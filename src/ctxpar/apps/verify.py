@@ -12,10 +12,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import math
 
 import torch
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2}
+KV_HEADS, MIN_HEADS, BATCH, HEAD_DIM = 2, 8, 2, 40  # attention cases: [B, S, H, D]
+
+
+def attention_heads(world: int) -> tuple[int, int]:
+    """``(Hq, Hkv)`` of the attention cases on ``world`` ranks: Hkv = 2 (grouped-query),
+    Hq the smallest multiple of lcm(world, Hkv) that is at least 8. Every method then runs
+    on every world: Ulysses splits Hq over the ranks (and replicates the K/V heads up to
+    lcm(world, Hkv)), and each query head still maps to one K/V head; 8 on 1, 2, 4, 8 ranks,
+    12 on 3 or 6."""
+    step = math.lcm(world, KV_HEADS)
+    return -(-MIN_HEADS // step) * step, KV_HEADS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +83,15 @@ def _rel(x, ref) -> float:
 def _check_case(case: Case, device: str, seq_len: int, group) -> float:
     import ctxpar
     from ctxpar.attn.reference import attention_reference
+    from ctxpar.dist.topology import resolve
 
     if case.method == "ttt":
         return _check_ttt(case, device, seq_len, group)
     dtype = getattr(torch, case.dtype)
     gen = torch.Generator().manual_seed(1234)
-    b, hq, hkv, d = 2, 8, 2, 40
-    full = [torch.randn(b, seq_len, h, d, generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv, hq)]
+    hq, hkv = attention_heads(resolve(group).size)
+    full = [torch.randn(BATCH, seq_len, h, HEAD_DIM, generator=gen, dtype=torch.float64)
+            for h in (hq, hkv, hkv, hq)]
     ref_in = [t.clone().requires_grad_() for t in full[:3]]
     cu = None
     if case.packed:  # documents of 1 token, 7 tokens, a third of the rest, and the remainder
@@ -221,7 +235,9 @@ def run(args) -> int:
     if dist.is_initialized() and dist.get_rank() != 0:
         return 0
     failed = 0
-    print(f"ctxpar verify: world={world} seq_len={seq_len} (attention: B=2, Hq=8, Hkv=2, D=40; "
+    hq, hkv = attention_heads(world)
+    print(f"ctxpar verify: world={world} seq_len={seq_len} (attention: B={BATCH}, Hq={hq}, "
+          f"Hkv={hkv}, D={HEAD_DIM}; "
           f"ttt: B=2, D=16, F=32); worst relative error vs float64 over out, lse, dq, dk, dv "
           f"(ttt: out, dx and every parameter gradient)")
     print(f"{'case':58s} {'error':>10s}  result")
