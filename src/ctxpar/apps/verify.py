@@ -16,6 +16,10 @@ import math
 
 import torch
 
+from ctxpar.numerics import rel_error
+from ctxpar.sequence.layouts import get_layout
+from ctxpar.sequence.spec import cp_multiple
+
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2}
 KV_HEADS, MIN_HEADS, BATCH, HEAD_DIM = 2, 8, 2, 40  # attention cases: [B, S, H, D]
 TTT_DIM, TTT_FF, TTT_CHUNK = 16, 32, 4  # TTT cases: x [B, S, D], hidden F, chunks of C
@@ -65,20 +69,12 @@ def build_cases(methods, layouts, dtypes, mesh: bool = False) -> list[Case]:
     cases += [Case(m, lay, c, "float64", packed=True)
               for m, lay, c in itertools.product(methods, layouts, (False, True))]
     if ttt:
-        chunked = [lay for lay in layouts if lay != "striped"]  # TTT needs runs of whole chunks
+        chunked = [lay for lay in layouts if get_layout(lay).consecutive_runs]  # whole chunks
         cases += [Case("ttt", lay, True, dt) for lay, dt in itertools.product(chunked, dtypes)]
         cases += [Case("ttt", lay, True, "float64", packed=True) for lay in chunked]
         if mesh:
             cases += [Case("ttt", lay, True, "float64", mesh=True) for lay in chunked]
     return cases
-
-
-def _rel(x, ref) -> float:
-    x, ref = x.double(), ref.double()
-    finite = torch.isfinite(ref)
-    if not torch.equal(torch.isfinite(x), finite):
-        return float("inf")
-    return ((x[finite] - ref[finite]).abs().max() / ref[finite].abs().max().clamp(min=1.0)).item()
 
 
 def _check_case(case: Case, device: str, seq_len: int, group) -> float:
@@ -113,7 +109,7 @@ def _check_case(case: Case, device: str, seq_len: int, group) -> float:
                                 causal=case.causal, window=case.window, return_lse=True)
     out.backward(shard(full[3]).to(device=device, dtype=dtype))
     pairs = [(out, ro), (lse, rl)] + [(t.grad, r.grad) for t, r in zip(local, ref_in)]
-    return max(_rel(x.cpu(), shard(r.detach(), 2 if x is lse else 1)) for x, r in pairs)
+    return max(rel_error(x.cpu(), shard(r.detach(), 2 if x is lse else 1)) for x, r in pairs)
 
 
 def _check_packed(case: Case, device, dtype, full, ref_in, ro, rl, cu, group) -> float:
@@ -129,7 +125,19 @@ def _check_packed(case: Case, device, dtype, full, ref_in, ro, rl, cu, group) ->
         return ctxpar.unshard_packed(x.detach().cpu(), cu, layout=case.layout, dim=dim, group=group)
 
     pairs = [(back(out), ro), (back(lse, 2), rl)] + [(back(t.grad), r.grad) for t, r in zip(local, ref_in)]
-    return max(_rel(x, r.detach()) for x, r in pairs)
+    return max(rel_error(x, r) for x, r in pairs)
+
+
+def _ttt_documents(layout: str, world: int, chunk: int, seq_len: int) -> list[int]:
+    """``cu_seqlens`` of the packed TTT case. A layout that balances documents splits each
+    one over the ranks, padded to whole chunks per piece: documents of U-1 and U tokens
+    (U = the layout's multiple times the chunk, 2NC for zigzag) make one padded and one
+    exact. Other layouts keep documents in place: 4 and S-4 tokens put a boundary inside
+    the first chunk."""
+    if get_layout(layout).balances_documents:
+        unit = cp_multiple(layout, world) * chunk
+        return [0, unit - 1, 2 * unit - 1]
+    return [0, 4, seq_len]
 
 
 def _ttt_layer(case: Case, group, dtype: torch.dtype):
@@ -149,9 +157,8 @@ def _ttt_layer(case: Case, group, dtype: torch.dtype):
 
 
 def _check_ttt(case: Case, device: str, seq_len: int, group) -> float:
-    """An In-Place TTT layer on this rank's shard vs the float64 token loop; packed:
-    documents of 2NC-1 and 2NC tokens (zigzag: padded to whole chunks per piece) or 4 and
-    S-4 (contiguous), each checked against itself run alone.
+    """An In-Place TTT layer on this rank's shard vs the float64 token loop; packed: the
+    documents of :func:`_ttt_documents`, each checked against itself run alone.
 
     The reference sees the weights and inputs rounded to the case's dtype (as ``ctxpar
     bench``'s does): that rounding is no error of the layer, yet through the fast weights
@@ -166,10 +173,7 @@ def _check_ttt(case: Case, device: str, seq_len: int, group) -> float:
     world = resolve(group).size
     dtype = getattr(torch, case.dtype)
     layer = _ttt_layer(case, group, dtype)
-    cu = None
-    if case.packed:
-        unit = 2 * world * TTT_CHUNK
-        cu = [0, 4, seq_len] if case.layout == "contiguous" else [0, unit - 1, 2 * unit - 1]
+    cu = _ttt_documents(case.layout, world, TTT_CHUNK, seq_len) if case.packed else None
     length = seq_len if cu is None else cu[-1]
     gen = torch.Generator().manual_seed(99)
     x, g = (torch.randn(BATCH, length, TTT_DIM, generator=gen, dtype=torch.float64)
@@ -193,12 +197,12 @@ def _check_ttt(case: Case, device: str, seq_len: int, group) -> float:
     x_local = shard(x).to(device=device, dtype=dtype).requires_grad_()
     out = layer(x_local, cu_seqlens=cu)
     out.backward(shard(g).to(device=device, dtype=dtype))
-    errs = [_rel(back(out), ref_out), _rel(back(x_local.grad), ref_dx)]
+    errs = [rel_error(back(out), ref_out), rel_error(back(x_local.grad), ref_dx)]
     for name, param in layer.named_parameters():
         grad = param.grad.double()
         if world > 1:  # per-rank shares; verify's CP group is the whole world
             dist.all_reduce(grad)
-        errs.append(_rel(grad.cpu(), ref_grads[name]))
+        errs.append(rel_error(grad.cpu(), ref_grads[name]))
     return max(errs)
 
 
@@ -240,7 +244,8 @@ def run(args) -> int:
     mesh = world >= 4 and world % 2 == 0
     if not mesh:
         methods = [m for m in methods if m != "hybrid"] if args.methods == "all" else methods
-    seq_len = args.seq_len or 8 * 2 * world
+    # Default: 8 times a length that every layout can split over the world.
+    seq_len = args.seq_len or 8 * math.lcm(*(cp_multiple(lay, world) for lay in ctxpar.LAYOUTS))
     cases = build_cases(methods, ctxpar.LAYOUTS, args.dtypes.split(","), mesh=mesh)
     try:
         per_rank = run_job(verify_rank, cases, args.device, seq_len, nproc=args.nproc, device=args.device)
