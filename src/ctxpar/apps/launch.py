@@ -115,7 +115,7 @@ def _worker(rank, world, store_path, backend, threads, tasks, results, sys_path,
 
     torch.set_num_threads(threads)
     if backend == "nccl":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+        rank_device("cuda", rank)
     store = dist.FileStore(store_path, world)
     dist.init_process_group(
         backend, store=store, rank=rank, world_size=world,
@@ -239,6 +239,29 @@ class RankPool:
         self.close(kill=exc[0] is not None)
 
 
+def rank_device(kind: str, rank: int | None = None):
+    """This rank's ``torch.device`` for ``kind`` ("cpu" or "cuda"), made current on CUDA.
+
+    CUDA: GPU ``LOCAL_RANK`` under torchrun (the rank on this node), else ``rank`` (default:
+    the rank in the default group; a local pool's ranks all share this machine), modulo
+    the visible GPUs."""
+    import torch
+
+    if kind != "cuda":
+        return torch.device(kind)
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda, but torch sees no CUDA device")
+    import torch.distributed as dist
+
+    if under_torchrun() and "LOCAL_RANK" in os.environ:
+        rank = int(os.environ["LOCAL_RANK"])
+    elif rank is None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+    local = rank % torch.cuda.device_count()
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
 def under_torchrun() -> bool:
     """True when started by torchrun (or any launcher that sets RANK and WORLD_SIZE)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -251,17 +274,15 @@ def run_job(fn: Callable[..., Any], *args, nproc: int = 2, device: str = "cpu",
     Under torchrun this process is one rank: the process group is initialised from the
     environment (NCCL for CUDA, gloo otherwise), ``fn`` runs here, and the list holds only
     this rank's result. Otherwise ``nproc`` local processes are spawned (NCCL, one GPU
-    each, for ``device="cuda"``; gloo otherwise). A rank
-    failure raises :class:`RankError` carrying its traceback; Ctrl-C kills every rank."""
+    each, for ``device="cuda"``; gloo otherwise). A rank failure raises :class:`RankError`
+    carrying its traceback; Ctrl-C (and SIGTERM or SIGHUP within :func:`stop_on_signals`)
+    kills every rank."""
     if under_torchrun():
-        import torch
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            backend = "nccl" if device == "cuda" else "gloo"
-            if device == "cuda":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group(backend)
+            rank_device(device)  # before the group: NCCL binds to the current GPU
+            dist.init_process_group("nccl" if device == "cuda" else "gloo")
         return [fn(*args, **kwargs)]
     pool = RankPool(nproc, threads=threads, backend="nccl" if device == "cuda" else "gloo")
     try:

@@ -7,6 +7,9 @@ import time
 
 import torch
 
+from ctxpar.apps.launch import rank_device
+from ctxpar.numerics import rel_error
+
 __all__ = ["theory_recv_bytes", "DecoderLayer", "rank_cell", "rank_layer_memory",
            "single_process", "reference", "rel_errors"]
 
@@ -112,22 +115,13 @@ def reference(cell: dict):
 
 
 def rel_errors(got, ref) -> dict:
-    """Max abs error relative to the reference's max abs value: out, and worst grad."""
-    e = [float((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)) for g, r in zip(got, ref)]
+    """Max abs error relative to the reference's max abs value (floor 1e-30, i.e. purely
+    relative, unlike verify's floor of 1): out, and the worst of dq, dk, dv."""
+    e = [rel_error(g, r, floor=1e-30) for g, r in zip(got, ref)]
     return {"err_out": e[0], "err_grad": max(e[1:])}
 
 
 # ------------------------------------------------------------------------ rank side
-
-
-def _device(kind: str) -> torch.device:
-    import torch.distributed as dist
-
-    if kind == "cuda":
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _group(cell: dict, device: torch.device):
@@ -163,7 +157,7 @@ def rank_cell(cell: dict, opts: dict) -> dict:
     from ctxpar.observe.memory import SavedTensors
     from ctxpar.observe.trace import ring_trace
 
-    dev = _device(opts["device"])
+    dev = rank_device(opts["device"])
     group = _group(cell, dev)
     layout = cell["layout"]
     q, k, v, dout = [ctxpar.shard(t, group=group, layout=layout).to(dev) for t in make_inputs(cell)]
@@ -262,7 +256,7 @@ def rank_layer_memory(method: str, seq_len: int, device: str, hybrid=None) -> di
     import ctxpar
     from ctxpar.observe.memory import saved_tensor_bytes
 
-    dev = _device(device)
+    dev = rank_device(device)
     group = _group({"method": method, "hybrid": hybrid}, dev)
     torch.manual_seed(0)
     layer = DecoderLayer(method=method, group=group).to(dev)
