@@ -57,11 +57,10 @@ class Stopped(BaseException):
 
     A BaseException, like ``KeyboardInterrupt``, so that only cleanup code (``finally``,
     ``except BaseException``) sees it on its way to the command line, which exits with
-    ``exit_code`` = 128 + ``signum``, the shell's convention for "killed by the signal"."""
+    128 + ``signum``, the shell's convention for "killed by the signal"."""
 
     def __init__(self, signum: int):
         self.signum = signum
-        self.exit_code = 128 + signum
         super().__init__(f"stopped by {signal.Signals(signum).name}")
 
 
