@@ -2,11 +2,18 @@
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; they are imported only when chosen, so ``ctxpar --help`` is quick.
+
+Stopping: Ctrl-C, SIGTERM and SIGHUP stop every rank the command spawned and exit with
+128 + the signal's number (130, 143, 129); see :func:`ctxpar.apps.launch.stop_on_signals`.
+Under ``torchrun`` this process is one rank and torchrun owns the signals.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import signal
 import sys
 
 SUBCOMMANDS = {
@@ -14,6 +21,22 @@ SUBCOMMANDS = {
     "train": ("ctxpar.apps.train.run", "train a small long-context model with CP and compare with one process"),
     "bench": ("ctxpar.apps.bench.run", "measure speed, communication and memory of every method"),
 }
+
+
+def writable_dir(path: str, command: str, flag: str = "--out") -> str:
+    """Create directory ``path`` if needed and check that a file can be written in it,
+    before any work starts (a run should not fail at its very end because of its output
+    folder); else exit with one line naming ``flag`` and the path."""
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise SystemExit(f"ctxpar {command}: {flag} {path}: not a writable directory "
+                         f"({e.strerror or e})") from None
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +49,26 @@ def main(argv: list[str] | None = None) -> int:
         if name == chosen:
             importlib.import_module(module).add_arguments(p)
     args = parser.parse_args(argv)
-    return int(importlib.import_module(SUBCOMMANDS[args.command][0]).run(args) or 0)
+    command = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return _run_stoppable(command.run, args)
+
+
+def _run_stoppable(run, args: argparse.Namespace) -> int:
+    """``run(args)``; a stop (Ctrl-C, or SIGTERM/SIGHUP to the launcher) becomes one line
+    and the exit code 128 + the signal's number, once the ranks are gone."""
+    from ctxpar.apps.launch import Stopped, stop_on_signals, under_torchrun
+
+    handlers = contextlib.nullcontext() if under_torchrun() else stop_on_signals()
+    try:
+        with handlers:
+            return int(run(args) or 0)
+    except KeyboardInterrupt:
+        signum = signal.SIGINT
+    except Stopped as e:
+        signum = e.signum
+    print(f"\nctxpar {args.command}: stopped by {signal.Signals(signum).name}; every rank was "
+          f"stopped", file=sys.stderr)
+    return 128 + signum
 
 
 if __name__ == "__main__":

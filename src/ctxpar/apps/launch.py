@@ -8,21 +8,33 @@ A function shipped to the pool must be importable by name (a module-level functi
 rank returns its result, or its traceback tagged with its rank. A rank that hangs (for
 example in a collective its peers never join) makes :meth:`RankPool.run` raise
 :class:`RankTimeout` after the timeout; the pool is then dead and is respawned by its owner.
+
+Stopping: a rank exits by itself once its launcher is gone (it watches its parent), so even
+a SIGKILLed launcher leaves no orphan. The ``ctxpar`` command line also wraps its work in
+:func:`stop_on_signals`, which turns SIGTERM and SIGHUP into :class:`Stopped` (as Ctrl-C
+raises ``KeyboardInterrupt``) so that the pools kill their ranks on the way out.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing as mp
 import os
 import queue
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-__all__ = ["RankPool", "RankError", "RankTimeout"]
+__all__ = ["RankPool", "RankError", "RankTimeout", "Stopped", "stop_on_signals",
+           "under_torchrun", "run_job", "rank_device"]
+
+#: Signals that stop a launcher the way Ctrl-C does (see :func:`stop_on_signals`).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class RankError(RuntimeError):
@@ -40,7 +52,61 @@ class RankTimeout(RuntimeError):
     """Some ranks did not answer in time (a hang, e.g. in a collective)."""
 
 
-def _worker(rank, world, store_path, backend, threads, tasks, results, sys_path, env, timeout_s):
+class Stopped(BaseException):
+    """The launcher received ``signum`` (SIGTERM or SIGHUP) inside :func:`stop_on_signals`.
+
+    A BaseException, like ``KeyboardInterrupt``, so that only cleanup code (``finally``,
+    ``except BaseException``) sees it on its way to the command line, which exits with
+    128 + ``signum``, the shell's convention for "killed by the signal"."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """Within the block, ``signals`` raise :class:`Stopped` in the main thread instead of
+    ending the process on the spot: the default action would skip every cleanup and leave
+    the spawned ranks running. Later signals are ignored while that cleanup runs (it kills
+    the ranks, bounded by a few seconds). The previous handlers come back on exit. Only
+    for the launching process; a no-op outside the main thread, where Python cannot set
+    handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame) -> None:
+        for s in signals:
+            signal.signal(s, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def _exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """Rank side: end this process once its launcher is gone. A launcher killed outright
+    (SIGKILL, the OOM killer) runs no cleanup, and its ranks would otherwise wait for
+    tasks forever; once the parent dies this process is re-parented and ``getppid``
+    changes. A polling daemon thread rather than ``prctl(PR_SET_PDEATHSIG)``: that is
+    Linux-only and fires when the spawning *thread* exits, not the process."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ctxpar-exit-with-parent", daemon=True).start()
+
+
+def _worker(rank, world, store_path, backend, threads, tasks, results, sys_path, env, timeout_s,
+            parent_pid):
+    _exit_with_parent(parent_pid)
     sys.path[:] = sys_path
     os.environ.update(env)
     import torch
@@ -48,7 +114,7 @@ def _worker(rank, world, store_path, backend, threads, tasks, results, sys_path,
 
     torch.set_num_threads(threads)
     if backend == "nccl":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+        rank_device("cuda", rank)
     store = dist.FileStore(store_path, world)
     dist.init_process_group(
         backend, store=store, rank=rank, world_size=world,
@@ -86,17 +152,21 @@ class RankPool:
         self._procs = []
         self._next_id = 0
         self.alive = True
-        for r in range(world_size):
-            p = ctx.Process(
-                target=_worker,
-                args=(r, world_size, os.path.join(self._dir, "store"), backend, threads,
-                      self._tasks[r], self._results, list(sys.path), dict(env or {}),
-                      collective_timeout_s),
-                daemon=True,
-            )
-            p.start()
-            self._procs.append(p)
-        self._collect("ready", start_timeout_s)
+        try:
+            for r in range(world_size):
+                p = ctx.Process(
+                    target=_worker,
+                    args=(r, world_size, os.path.join(self._dir, "store"), backend, threads,
+                          self._tasks[r], self._results, list(sys.path), dict(env or {}),
+                          collective_timeout_s, os.getpid()),
+                    daemon=True,
+                )
+                p.start()
+                self._procs.append(p)
+            self._collect("ready", start_timeout_s)
+        except BaseException:  # Ctrl-C or a signal while starting: no owner can close us yet
+            self.close(kill=True)
+            raise
 
     def _collect(self, task_id, timeout: float, grace: float = 5.0) -> dict[int, tuple]:
         got: dict[int, tuple] = {}
@@ -168,6 +238,29 @@ class RankPool:
         self.close(kill=exc[0] is not None)
 
 
+def rank_device(kind: str, rank: int | None = None):
+    """This rank's ``torch.device`` for ``kind`` ("cpu" or "cuda"), made current on CUDA.
+
+    CUDA: GPU ``LOCAL_RANK`` under torchrun (the rank on this node), else ``rank`` (default:
+    the rank in the default group; a local pool's ranks all share this machine), modulo
+    the visible GPUs."""
+    import torch
+
+    if kind != "cuda":
+        return torch.device(kind)
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda, but torch sees no CUDA device")
+    import torch.distributed as dist
+
+    if under_torchrun() and "LOCAL_RANK" in os.environ:
+        rank = int(os.environ["LOCAL_RANK"])
+    elif rank is None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+    local = rank % torch.cuda.device_count()
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
 def under_torchrun() -> bool:
     """True when started by torchrun (or any launcher that sets RANK and WORLD_SIZE)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -180,17 +273,15 @@ def run_job(fn: Callable[..., Any], *args, nproc: int = 2, device: str = "cpu",
     Under torchrun this process is one rank: the process group is initialised from the
     environment (NCCL for CUDA, gloo otherwise), ``fn`` runs here, and the list holds only
     this rank's result. Otherwise ``nproc`` local processes are spawned (NCCL, one GPU
-    each, for ``device="cuda"``; gloo otherwise). A rank
-    failure raises :class:`RankError` carrying its traceback; Ctrl-C kills every rank."""
+    each, for ``device="cuda"``; gloo otherwise). A rank failure raises :class:`RankError`
+    carrying its traceback; Ctrl-C (and SIGTERM or SIGHUP within :func:`stop_on_signals`)
+    kills every rank."""
     if under_torchrun():
-        import torch
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            backend = "nccl" if device == "cuda" else "gloo"
-            if device == "cuda":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group(backend)
+            rank_device(device)  # before the group: NCCL binds to the current GPU
+            dist.init_process_group("nccl" if device == "cuda" else "gloo")
         return [fn(*args, **kwargs)]
     pool = RankPool(nproc, threads=threads, backend="nccl" if device == "cuda" else "gloo")
     try:

@@ -7,6 +7,9 @@ import time
 
 import torch
 
+from ctxpar.apps.launch import rank_device
+from ctxpar.numerics import rel_error
+
 __all__ = ["theory_recv_bytes", "DecoderLayer", "rank_cell", "rank_layer_memory",
            "single_process", "reference", "rel_errors"]
 
@@ -76,6 +79,36 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def _timed_runs(fn, q, k, v, dout, device, warmup: int, repeats: int, distributed: bool = False):
+    """``warmup + repeats`` fwd+bwd runs of ``fn(q, k, v)`` (``[B, S, H, D]`` each; ``dout``
+    like the output). Returns the fwd and the fwd+bwd seconds of the timed runs, the last
+    output, and (``distributed``: each run starts at a barrier) the last run's fwd and bwd
+    ``ctxpar.comm_counters``, else None twice."""
+    import contextlib
+
+    import ctxpar
+
+    counters = ctxpar.comm_counters if distributed else contextlib.nullcontext
+    fwd, tot = [], []
+    for i in range(warmup + repeats):
+        q.grad = k.grad = v.grad = None
+        if distributed:
+            torch.distributed.barrier()
+        _sync(device)
+        t0 = time.perf_counter()
+        with counters() as cf:
+            out = fn(q, k, v)
+        _sync(device)
+        t1 = time.perf_counter()
+        with counters() as cb:
+            out.backward(dout)
+        _sync(device)
+        if i >= warmup:
+            fwd.append(t1 - t0)
+            tot.append(time.perf_counter() - t0)
+    return fwd, tot, out, cf, cb
+
+
 def single_process(cell: dict, threads: int, warmup: int, repeats: int, device: str):
     """Fwd and fwd+bwd times of torch's fused attention on the whole sequence in this
     process with ``threads`` threads, and the last run's (out, dq, dk, dv)."""
@@ -84,19 +117,8 @@ def single_process(cell: dict, threads: int, warmup: int, repeats: int, device: 
     try:
         q, k, v, dout = make_inputs(cell, device)
         q, k, v = (t.requires_grad_() for t in (q, k, v))
-        fwd, tot = [], []
-        for i in range(warmup + repeats):
-            q.grad = k.grad = v.grad = None
-            _sync(device)
-            t0 = time.perf_counter()
-            out = _sdpa(q, k, v, cell["causal"])
-            _sync(device)
-            t1 = time.perf_counter()
-            out.backward(dout)
-            _sync(device)
-            if i >= warmup:
-                fwd.append(t1 - t0)
-                tot.append(time.perf_counter() - t0)
+        fwd, tot, out, _, _ = _timed_runs(lambda a, b, c: _sdpa(a, b, c, cell["causal"]),
+                                          q, k, v, dout, device, warmup, repeats)
         return fwd, tot, [t.detach().cpu() for t in (out, q.grad, k.grad, v.grad)]
     finally:
         torch.set_num_threads(old)
@@ -112,22 +134,13 @@ def reference(cell: dict):
 
 
 def rel_errors(got, ref) -> dict:
-    """Max abs error relative to the reference's max abs value: out, and worst grad."""
-    e = [float((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)) for g, r in zip(got, ref)]
+    """Max abs error relative to the reference's max abs value (floor 1e-30, i.e. purely
+    relative, unlike verify's floor of 1): out, and the worst of dq, dk, dv."""
+    e = [rel_error(g, r, floor=1e-30) for g, r in zip(got, ref)]
     return {"err_out": e[0], "err_grad": max(e[1:])}
 
 
 # ------------------------------------------------------------------------ rank side
-
-
-def _device(kind: str) -> torch.device:
-    import torch.distributed as dist
-
-    if kind == "cuda":
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _group(cell: dict, device: torch.device):
@@ -163,7 +176,7 @@ def rank_cell(cell: dict, opts: dict) -> dict:
     from ctxpar.observe.memory import SavedTensors
     from ctxpar.observe.trace import ring_trace
 
-    dev = _device(opts["device"])
+    dev = rank_device(opts["device"])
     group = _group(cell, dev)
     layout = cell["layout"]
     q, k, v, dout = [ctxpar.shard(t, group=group, layout=layout).to(dev) for t in make_inputs(cell)]
@@ -174,22 +187,8 @@ def rank_cell(cell: dict, opts: dict) -> dict:
         def fn(a, b, c):
             return ctxpar.attention(a, b, c, group=group, method=cell["method"], layout=layout,
                                     causal=cell["causal"], check_args=False)
-    fwd, tot = [], []
-    for i in range(opts["warmup"] + opts["repeats"]):
-        q.grad = k.grad = v.grad = None
-        dist.barrier()
-        _sync(dev)
-        t0 = time.perf_counter()
-        with ctxpar.comm_counters() as cf:
-            out = fn(q, k, v)
-        _sync(dev)
-        t1 = time.perf_counter()
-        with ctxpar.comm_counters() as cb:
-            out.backward(dout)
-        _sync(dev)
-        if i >= opts["warmup"]:
-            fwd.append(t1 - t0)
-            tot.append(time.perf_counter() - t0)
+    fwd, tot, out, cf, cb = _timed_runs(fn, q, k, v, dout, dev, opts["warmup"], opts["repeats"],
+                                        distributed=True)
     q.grad = k.grad = v.grad = None
     del out
     if dev.type == "cuda":
@@ -262,7 +261,7 @@ def rank_layer_memory(method: str, seq_len: int, device: str, hybrid=None) -> di
     import ctxpar
     from ctxpar.observe.memory import saved_tensor_bytes
 
-    dev = _device(device)
+    dev = rank_device(device)
     group = _group({"method": method, "hybrid": hybrid}, dev)
     torch.manual_seed(0)
     layer = DecoderLayer(method=method, group=group).to(dev)

@@ -92,6 +92,11 @@ def _resolve(args) -> argparse.Namespace:
     return cfg
 
 
+def _default_hybrid(world: int) -> tuple[int, int] | None:
+    """Method hybrid's default [a2a, p2p] = [2, N/2], for an even N >= 4 (else None)."""
+    return (2, world // 2) if world >= 4 and world % 2 == 0 else None
+
+
 def _cells(cfg, notes: list[str]):
     """Every cell of the matrix (ctxpar methods, then runnable peers), in run order."""
     from ctxpar import LAYOUTS
@@ -111,7 +116,7 @@ def _cells(cfg, notes: list[str]):
         for m in cfg.methods.split(","):
             hyb = None
             if m == "hybrid":
-                hyb = tuple(_ints(cfg.hybrid_sizes)) if cfg.hybrid_sizes else ((2, w // 2) if w >= 4 and w % 2 == 0 else None)
+                hyb = tuple(_ints(cfg.hybrid_sizes)) if cfg.hybrid_sizes else _default_hybrid(w)
                 if hyb is None or hyb[0] * hyb[1] != w:
                     notes.append(f"hybrid skipped at N={w}: needs --hybrid-sizes a2a,p2p with a2a*p2p={w}")
                     continue
@@ -172,17 +177,84 @@ def _summary(cell, res, single, ref, cfg) -> dict:
     return row
 
 
-def run(args) -> int:
+def _key(cell: dict) -> tuple:
+    """What a cell's baseline and reference depend on: (S, dtype, causal)."""
+    return cell["seq_len"], cell["dtype"], cell["causal"]
+
+
+def _baselines(cfg, cells: list[dict], singles: dict, refs: dict) -> None:
+    """Fill in the single-process baselines (``singles[key][threads]`` = fwd times, tot
+    times, tensors) and float64 references (``refs[key]``) that ``cells`` still lack. Run
+    before a world's ranks start, while no rank is busy."""
+    for c in cells:
+        single = singles.setdefault(_key(c), {})
+        for t in sorted({1, _cores(cfg, c["world"])} if cfg.device == "cpu" else {1}):
+            if t not in single:
+                single[t] = single_process(c, t, cfg.warmup, cfg.repeats, cfg.device)
+        if cfg.errors and _key(c) not in refs:
+            refs[_key(c)] = reference(c)
+
+
+def _cell_rows(cfg, pool, cells: list[dict], singles: dict, refs: dict, t_start: float) -> list[dict]:
+    """Every cell of one world on its pool, one summary row each (printed as it ends)."""
+    opts = dict(device=cfg.device, warmup=cfg.warmup, repeats=cfg.repeats, errors=cfg.errors)
+    rows = []
+    for c in cells:
+        res = pool.run(rank_cell, c, opts, timeout=cfg.timeout)
+        rows.append(_summary(c, res, singles[_key(c)], refs.get(_key(c)), cfg))
+        print(f"[{time.perf_counter() - t_start:6.1f}s] N={c['world']} S={c['seq_len']} {c['method']}/"
+              f"{c['layout']} {c['dtype']} causal={c['causal']}: fwd+bwd {rows[-1]['tot_s']:.4f}s "
+              f"eff {rows[-1]['eff_tot']:.3f}", flush=True)
+    return rows
+
+
+def _layer_rows(cfg, pool, world: int) -> list[dict]:
+    """Decoder-layer saved bytes per rank of every method on ``world`` ranks (hybrid only
+    where the default [2, N/2] mesh exists)."""
+    rows = []
+    for m in cfg.methods.split(","):
+        hyb = _default_hybrid(world) if m == "hybrid" else None
+        if m == "hybrid" and hyb is None:
+            continue
+        res = pool.run(rank_layer_memory, m, cfg.layer_seq_len, cfg.device, hyb, timeout=cfg.timeout)
+        rows.append(dict(method=m, world=world, seq_len=cfg.layer_seq_len,
+                         saved_bytes=max(r["saved_bytes"] for r in res), cuda_peak=res[0]["cuda_peak"]))
+    return rows
+
+
+def _single_summary(singles: dict, refs: dict) -> dict:
+    """results.json's "single_process": median times (and errors) per case and threads."""
+    return {f"S={key[0]} {key[1]} causal={key[2]}": {
+        f"{t}_threads": {"fwd_s": statistics.median(v[0]), "tot_s": statistics.median(v[1]),
+                         **(rel_errors(v[2], refs[key]) if key in refs else {})}
+        for t, v in single.items()} for key, single in singles.items()}
+
+
+def _write(cfg, result: dict) -> None:
+    """results.json, the Markdown table on stdout and (unless --no-plots) the plots."""
     from ctxpar.apps.bench.plots import markdown_table, plot_scaling, plot_timeline
+
+    with open(os.path.join(cfg.out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(markdown_table(result))
+    if cfg.plots:
+        for path in (plot_timeline(result, os.path.join(cfg.out, "timeline.png")),
+                     plot_scaling(result, os.path.join(cfg.out, "scaling.png"))):
+            print(f"wrote {path}")
+    print(f"wrote {os.path.join(cfg.out, 'results.json')} ({result['elapsed_s']:.0f} s)")
+
+
+def run(args) -> int:
+    """Entry point of ``ctxpar bench``: every world's cells on one pool of that world."""
+    from ctxpar.apps.cli import writable_dir
     from ctxpar.apps.launch import RankPool
 
     cfg = _resolve(args)
-    os.makedirs(cfg.out, exist_ok=True)
+    writable_dir(cfg.out, "bench")
     notes: list[str] = []
     cells = list(_cells(cfg, notes))
     layer_worlds = _ints(cfg.layer_worlds)
-    opts = dict(device=cfg.device, warmup=cfg.warmup, repeats=cfg.repeats, errors=cfg.errors)
-    singles: dict = {}  # (S, dtype, causal) -> {threads: (fwd times, tot times, tensors)}
+    singles: dict = {}
     refs: dict = {}
     rows, layer_rows = [], []
     t_start = time.perf_counter()
@@ -192,52 +264,19 @@ def run(args) -> int:
             notes.append(f"N={w} skipped: needs one GPU per rank ({ngpu} GPU(s))")
             continue
         w_cells = [c for c in cells if c["world"] == w]
-        for c in w_cells:  # single-process baselines first, while no rank is busy
-            key = (c["seq_len"], c["dtype"], c["causal"])
-            single = singles.setdefault(key, {})
-            for t in sorted({1, _cores(cfg, w)} if cfg.device == "cpu" else {1}):
-                if t not in single:
-                    single[t] = single_process(c, t, cfg.warmup, cfg.repeats, cfg.device)
-            if cfg.errors and key not in refs:
-                refs[key] = reference(c)
+        _baselines(cfg, w_cells, singles, refs)
         backend = "nccl" if cfg.device == "cuda" else "gloo"
         with RankPool(w, backend=backend, threads=1, collective_timeout_s=cfg.timeout) as pool:
-            for c in w_cells:
-                key = (c["seq_len"], c["dtype"], c["causal"])
-                res = pool.run(rank_cell, c, opts, timeout=cfg.timeout)
-                rows.append(_summary(c, res, singles[key], refs.get(key), cfg))
-                print(f"[{time.perf_counter() - t_start:6.1f}s] N={w} S={c['seq_len']} {c['method']}/"
-                      f"{c['layout']} {c['dtype']} causal={c['causal']}: fwd+bwd {rows[-1]['tot_s']:.4f}s "
-                      f"eff {rows[-1]['eff_tot']:.3f}", flush=True)
+            rows += _cell_rows(cfg, pool, w_cells, singles, refs, t_start)
             if w in layer_worlds and w > 1:
-                for m in cfg.methods.split(","):
-                    hyb = (2, w // 2) if m == "hybrid" and w >= 4 and w % 2 == 0 else None
-                    if m == "hybrid" and hyb is None:
-                        continue
-                    res = pool.run(rank_layer_memory, m, cfg.layer_seq_len, cfg.device, hyb, timeout=cfg.timeout)
-                    layer_rows.append(dict(method=m, world=w, seq_len=cfg.layer_seq_len,
-                                           saved_bytes=max(r["saved_bytes"] for r in res),
-                                           cuda_peak=res[0]["cuda_peak"]))
+                layer_rows += _layer_rows(cfg, pool, w)
     if 1 in layer_worlds:  # a world of one, in this process (no torch.distributed needed)
         r1 = rank_layer_memory("ring", cfg.layer_seq_len, cfg.device)
         layer_rows.insert(0, dict(method="(any)", world=1, seq_len=cfg.layer_seq_len, **r1))
-    base = {}
-    for key, single in singles.items():
-        base[f"S={key[0]} {key[1]} causal={key[2]}"] = {
-            f"{t}_threads": {"fwd_s": statistics.median(v[0]), "tot_s": statistics.median(v[1]),
-                             **(rel_errors(v[2], refs[key]) if key in refs else {})}
-            for t, v in single.items()}
-    result = {"config": {k: v for k, v in vars(cfg).items()}, "machine": _machine(cfg),
-              "single_process": base, "cells": rows, "layer_memory": layer_rows, "notes": notes,
-              "elapsed_s": time.perf_counter() - t_start}
-    with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    print(markdown_table(result))
-    if cfg.plots:
-        for path in (plot_timeline(result, os.path.join(cfg.out, "timeline.png")),
-                     plot_scaling(result, os.path.join(cfg.out, "scaling.png"))):
-            print(f"wrote {path}")
-    print(f"wrote {os.path.join(cfg.out, 'results.json')} ({result['elapsed_s']:.0f} s)")
+    _write(cfg, {"config": dict(vars(cfg)), "machine": _machine(cfg),
+                 "single_process": _single_summary(singles, refs), "cells": rows,
+                 "layer_memory": layer_rows, "notes": notes,
+                 "elapsed_s": time.perf_counter() - t_start})
     return 0
 
 

@@ -1,0 +1,42 @@
+"""``ctxpar train`` rejects bad arguments before it spawns a rank or trains a step, with
+a message that names the offending value, and a non-zero exit."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+
+# Small enough that the code under test finishes quickly even if it would train.
+TINY = ["--steps", "1", "--seq-len", "128", "--eval-batches", "1", "--no-equivalence",
+        "--no-progress"]
+
+
+def _train(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "ctxpar", "train", *TINY, *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _assert_rejected(proc: subprocess.CompletedProcess, *named: str) -> None:
+    assert proc.returncode != 0, proc.stdout
+    for text in named:
+        assert text in proc.stderr, (text, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "recall accuracy" not in proc.stdout, "it trained before rejecting the arguments"
+
+
+def test_unwritable_out_is_rejected_before_training(tmp_path):
+    (tmp_path / "file").write_text("a regular file, not a directory")
+    out = tmp_path / "file" / "out"
+    _assert_rejected(_train("--out", str(out)), "--out", str(out))
+
+
+def test_zero_batch_size_is_rejected():
+    _assert_rejected(_train("--batch-size", "0"), "--batch-size", "0")
+
+
+@pytest.mark.parametrize("hcp", [("0", "2"), ("2", "-1")])
+def test_nonpositive_hcp_is_rejected(hcp):
+    _assert_rejected(_train("--hcp", *hcp), f"--hcp {hcp[0]} {hcp[1]}")
