@@ -119,11 +119,11 @@ class TTTApply(torch.autograd.Function):
             else:
                 for s in range(lo, hi, c):
                     summ[j] += chunk_delta(v[:, s:s + c].to(acc), z[:, s:s + c].to(acc), plan.clip)[0]
-        keep = plan.keep(z.device, acc)
+        resets = plan.resets(z.device)
         pending = None
         if plan.n_elems > 1 and plan.overlap:
-            pending = start_scan(summ, keep, grp=plan.grp, layout=plan.layout, held=plan.held,
-                                 algorithm=plan.algorithm)
+            pending = start_scan(summ, None, grp=plan.grp, layout=plan.layout, held=plan.held,
+                                 algorithm=plan.algorithm, reset=resets)
 
         # 2. Local chunk work: Y_i = Z_i E_iᵀ with a running accumulator E.
         y = torch.zeros(bsz, z.shape[1], nd, dtype=acc, device=z.device)
@@ -144,8 +144,8 @@ class TTTApply(torch.autograd.Function):
             if last == len(blk.flags) and e is not None:
                 summ[j].copy_(e)
         if plan.n_elems > 1 and not plan.overlap:
-            pending = start_scan(summ, keep, grp=plan.grp, layout=plan.layout, held=plan.held,
-                                 algorithm=plan.algorithm)
+            pending = start_scan(summ, None, grp=plan.grp, layout=plan.layout, held=plan.held,
+                                 algorithm=plan.algorithm, reset=resets)
 
         # 3. The carry enters one final matmul per block.
         carry = pending.wait() if pending is not None else torch.zeros_like(summ)
@@ -199,8 +199,8 @@ class TTTApply(torch.autograd.Function):
                 torch.bmm(g[:, blk.row0:rc].transpose(1, 2), z[:, blk.row0:rc].to(acc), out=rsum[j])
         pending = None
         if plan.n_elems > 1:
-            pending = start_scan(rsum, plan.keep(z.device, acc), grp=plan.grp,
-                                 layout=plan.layout, held=plan.held, algorithm=plan.algorithm, reverse=True)
+            pending = start_scan(rsum, None, grp=plan.grp, layout=plan.layout, held=plan.held,
+                                 algorithm=plan.algorithm, reverse=True, reset=plan.resets(z.device))
 
         # 2. Pass 1 (chunk order): ∂Z_i = G_i (W_0 + η(P + E_i)), E_i recomputed.
         dz = torch.empty(bsz, z.shape[1], nf, dtype=acc, device=z.device)
