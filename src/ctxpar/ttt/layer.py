@@ -121,6 +121,8 @@ class InPlaceTTTMLP(nn.Module):
     hierarchical ``("ring", "ulysses")`` mesh from :func:`ctxpar.cp_mesh`, sharded as
     :func:`ctxpar.shard` does on it, with ``scan_algorithm="allgather"``). Parameter
     gradients are this rank's share: sum them over the group, as for any replicated weight.
+    Under ``torch.autocast`` the output has the autocast dtype, as the wrapped MLP's would,
+    while the fast-weight accumulators and carries stay float32 (:mod:`ctxpar.ttt.ops`).
     """
 
     def __init__(self, mlp: nn.Module, *, config: TTTConfig | None = None, group=None, **options):
