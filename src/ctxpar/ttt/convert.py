@@ -54,7 +54,9 @@ def convert(model: nn.Module, *, layers=None, chunk_size: int = 1024, every: int
 
     ``layers``: indices to convert; default every ``every``-th layer, counting from one
     (layers 5, 11, 17, ... for every=6, the paper's released configuration). ``options`` go to
-    :class:`TTTConfig` (``target``, ``eta``, ``clip_tau``, ``layout``, ...).
+    :class:`TTTConfig` unchanged (``target``, ``eta``, ``clip_tau``, ``layout``, ...);
+    ``layout`` defaults to ``"zigzag"``, as for
+    :func:`ctxpar.integrations.transformers.shard_batch` and the attention functions.
 
     Pretrained outputs are unchanged at init (the conv is zero). Trainable parameters
     added per converted layer: ``mlp.ttt_conv``, ``mlp.ttt_target`` and ``mlp.ttt_eta``

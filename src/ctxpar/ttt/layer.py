@@ -68,7 +68,8 @@ class TTTConfig:
     learn_eta: bool = True             # η is a Parameter (else a buffer)
     clip_tau: float | None = None      # Frobenius clip of each chunk's ΔW
     target_init_std: float = 0.02      # std of W_target's random diagonal
-    layout: str = "contiguous"         # CP sequence layout: "contiguous" or "zigzag"
+    layout: str = "zigzag"             # CP sequence layout: "zigzag" (the library's default:
+                                       # ctxpar.shard, attention, shard_batch) or "contiguous"
     scan_algorithm: str = "allgather"  # see ctxpar.scan.ALGORITHMS
     overlap: bool = True               # see ctxpar.ttt.ops: gather during the chunk loop
     check_args: bool = True            # one small all-gather per call: shapes agree across ranks
