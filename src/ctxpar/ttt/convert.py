@@ -23,19 +23,21 @@ class _EmbeddingTap:
 
 
 class _DocumentTap:
-    """Holds, while one decoder layer runs, the packed-document boundaries it was called
-    with: Hugging Face decoder layers pass ``cu_seq_lens_q`` (what
+    """Holds, while one decoder layer runs, the packed-document boundaries (``value``) and
+    the position ids (``positions``) it was called with: Hugging Face decoder layers pass
+    ``cu_seq_lens_q`` and ``position_ids`` (what
     :func:`ctxpar.integrations.transformers.shard_batch` sets) to attention but call the MLP
-    with the hidden states alone."""
+    with the hidden states alone. The positions let the layer check that the shard fits its
+    layout (:mod:`ctxpar.ttt.checks`)."""
 
     def __init__(self):
-        self.value = None
+        self.value = self.positions = None
 
     def enter(self, module, args, kwargs):
-        self.value = kwargs.get("cu_seq_lens_q")
+        self.value, self.positions = kwargs.get("cu_seq_lens_q"), kwargs.get("position_ids")
 
     def leave(self, module, args, kwargs, output):
-        self.value = None
+        self.value = self.positions = None
 
 
 def _decoder_layers(model: nn.Module):
@@ -64,7 +66,11 @@ def convert(model: nn.Module, *, layers=None, chunk_size: int = 1024, every: int
     their names and their ``requires_grad``: freeze them yourself for a TTT-only fine-tune.
     With ``target="embeddings"`` a forward hook on the input embedding feeds the layers.
     Hooks on each converted decoder layer hand its ``cu_seq_lens_q`` keyword (packed
-    documents, see :func:`ctxpar.integrations.transformers.shard_batch`) to the TTT MLP."""
+    documents, see :func:`ctxpar.integrations.transformers.shard_batch`) and its
+    ``position_ids`` to the TTT MLP; under CP the positions must fit ``layout``, so a batch
+    sharded with another layout raises instead of training on wrong carries
+    (``check_positions=False`` skips this, e.g. where a wrapper shards the MLP's input
+    itself)."""
     stack = _decoder_layers(model)
     if layers is None:
         layers = [i for i in range(len(stack)) if i % every == every - 1]

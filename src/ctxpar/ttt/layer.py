@@ -43,12 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctxpar.dist.agreement import check_agree_on, cu_checksum, dtype_code, text_code
 from ctxpar.dist.collectives import all_reduce
 from ctxpar.dist.topology import resolve
 from ctxpar.numerics import acc_dtype
 from ctxpar.scan import ALGORITHMS
 from ctxpar.sequence.layouts import get_layout
+from ctxpar.ttt.checks import check_agreement, positions_error
 from ctxpar.ttt.ops import TTTApply, chunk_delta
 from ctxpar.ttt.plan import Plan, build_plan
 
@@ -73,6 +73,7 @@ class TTTConfig:
     scan_algorithm: str = "allgather"  # see ctxpar.scan.ALGORITHMS
     overlap: bool = True               # see ctxpar.ttt.ops: gather during the chunk loop
     check_args: bool = True            # one small all-gather per call: shapes agree across ranks
+    check_positions: bool = True       # position ids at hand must fit the layout (ttt.checks)
 
     def __post_init__(self):
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
@@ -187,18 +188,25 @@ class InPlaceTTTMLP(nn.Module):
         return build_plan(self.config, resolve(self.group), local_len, cu_seqlens)
 
     # ------------------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, *, embeddings=None, cu_seqlens=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, embeddings=None, cu_seqlens=None,
+                position_ids=None) -> torch.Tensor:
         """``x``: ``[B, S_local, D]``. ``cu_seqlens``: the original global boundaries of packed
         documents, with ``x`` sharded by :func:`ctxpar.shard_packed` (as for attention); a
-        chunk where a document starts restarts the fast weight. Inside a model converted by
-        :func:`convert` they come from the decoder layer's ``cu_seq_lens_q`` keyword."""
-        if cu_seqlens is None and self._document_tap is not None:
-            cu_seqlens = self._document_tap.value
+        chunk where a document starts restarts the fast weight. ``position_ids``
+        (``[..., S_local]``, optional): the positions ``x`` was sharded with, as
+        :func:`ctxpar.position_ids` or ``shard_packed`` give them; under CP they must fit
+        ``layout``, else ValueError on every rank (see :mod:`ctxpar.ttt.checks`: the layer
+        cannot otherwise see how ``x`` was sharded). Inside a model converted by
+        :func:`convert` both come from the decoder layer's ``cu_seq_lens_q`` and
+        ``position_ids`` keywords."""
+        tap = self._document_tap
+        if cu_seqlens is None and tap is not None:
+            cu_seqlens = tap.value
+        if position_ids is None and tap is not None:
+            position_ids = tap.positions
         if x.dim() != 3:
             raise ValueError(f"expected x of shape [batch, seq, hidden], got {tuple(x.shape)}")
-        source, error = self._checked_target_source(x, embeddings, cu_seqlens)
-        if error is not None:
-            raise error
+        source = self._checked_target_source(x, embeddings, cu_seqlens, position_ids)
         plan = self.plan(x.shape[1], cu_seqlens)
         z = self.activations(x)
         v = self.targets(source)
@@ -213,9 +221,7 @@ class InPlaceTTTMLP(nn.Module):
         all-reduce of a ``[B, D, F]`` carry), ready for :meth:`step` on the tokens that
         follow, on any process."""
         topo = resolve(self.group)
-        source, error = self._checked_target_source(x, embeddings, None)
-        if error is not None:
-            raise error
+        source = self._checked_target_source(x, embeddings, None)
         self.plan(x.shape[1])  # checks that the shard is whole chunks
         acc = acc_dtype(self.down_proj.weight.dtype)
         z = self.activations(x)
@@ -232,27 +238,22 @@ class InPlaceTTTMLP(nn.Module):
         return TTTState(delta, x.new_zeros(x.shape[0], 0, x.shape[2]),
                         z.new_zeros(x.shape[0], 0, z.shape[2]), x.shape[1] * topo.size)
 
-    def _checked_target_source(self, x, embeddings, cu_seqlens):
-        """The target source, or the error to raise, after the cross-rank agreement check
-        (``check_args``): different shard shapes or options on two ranks would give them
-        different plans, so wrong carries or a hung collective; they fail on every rank
-        instead (ValueError naming the ranks). A bad ``embeddings`` argument is one of the
-        checked fields, so a rank never raises it alone while its peers wait."""
+    def _checked_target_source(self, x, embeddings, cu_seqlens, position_ids=None):
+        """The target source, after the cross-rank agreement check (``check_args``,
+        :func:`~ctxpar.ttt.checks.check_agreement`): different shard shapes or options on two
+        ranks would give them different plans, so wrong carries or a hung collective; they
+        fail on every rank instead (ValueError naming the ranks). A bad ``embeddings``
+        argument and position ids that do not fit the layout are checked fields, so a rank
+        never raises them alone while its peers wait."""
+        topo = resolve(self.group)
         try:
             source, error = self._target_source(x, embeddings), None
         except ValueError as e:
             source, error = None, e
-        if self.config.check_args:
-            c = self.config
-            options = f"{c.layout} {c.scan_algorithm} {c.clip_tau!r} {c.target} {c.conv_kernel}"
-            fields = {"batch": x.shape[0], "S_local": x.shape[1], "hidden": x.shape[2],
-                      "dtype": dtype_code(x.dtype), "chunk_size": c.chunk_size,
-                      "options (layout, scan, clip, target, conv)": text_code(options),
-                      "target source ok": int(error is None),
-                      "cu_seqlens checksum": cu_checksum(cu_seqlens)}
-            check_agree_on(resolve(self.group), fields, "InPlaceTTTMLP inputs", device=x.device,
-                           shown=("batch", "S_local", "hidden", "chunk_size"))
-        return source, error
+        local = {"target source": error,
+                 "position_ids": positions_error(self.config, topo, x.shape[1], cu_seqlens, position_ids)}
+        check_agreement(self.config, topo, x, cu_seqlens, local)
+        return source
 
     def step(self, x: torch.Tensor, state: TTTState | None = None, *, embeddings=None):
         """Streaming prefill/decode: ``x`` ``[B, n, D]`` (a prompt or one token, the full
