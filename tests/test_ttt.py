@@ -188,8 +188,8 @@ def test_bytes_per_rank_do_not_depend_on_sequence_length(run_ranks):
         per_s[seq] = [r["bytes"] for r in run_ranks(world, _cp_rank, "float32", "contiguous", None, None,
                                                      "allgather", seq)]
     # One all-gather of the fp32 block summary [B, D, F] forward, one backward, and the
-    # argument check's all-gather of 9 int64 fields.
-    expected = 2 * (world - 1) * B * D * FF * 4 + (world - 1) * 9 * 8
+    # argument check's all-gather of 11 int64 fields.
+    expected = 2 * (world - 1) * B * D * FF * 4 + (world - 1) * 11 * 8
     assert per_s[32] == per_s[64] == [expected] * world
 
 

@@ -3,12 +3,14 @@
 Cross-rank agreement (``check_args``, on by default: one all-gather of a dozen int64 per
 call). Every rank must run the same plan, or the carries are wrong or a collective hangs:
 the shard's shape and dtype, the chunk size, the options that shape the plan or the math
-(layout, scan algorithm, clip, target, conv kernel) and the packed documents. Errors that one rank finds alone (a missing embeddings
+(layout, scan algorithm, clip, target, conv kernel, ``learn_eta``), the value of η (a rank
+with another η would mix its carries silently), whether autocast is on and in which
+dtype, and the packed documents. Errors that one rank finds alone (a missing embeddings
 tensor, position ids that do not fit the layout) are fields of the same check, so that
 every rank raises instead of some waiting in the scan. Not checkable: ``check_args``
-itself (a rank that skips the check never joins its collective) and the parameters' values
-(replicated weights are the training framework's job; a checksum would cost a pass over
-them on every call).
+itself (a rank that skips the check never joins its collective) and the other parameters'
+values (replicated weights are the training framework's job; a checksum would cost a pass
+over them on every call).
 
 The layout of a shard. A tensor does not record how it was sharded: a plain shard of the
 right length looks the same under every layout, so a layer whose ``layout`` differs from
@@ -25,12 +27,15 @@ the one the input was sharded with cannot tell from ``x`` alone. What gives it a
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 
 from ctxpar.dist.agreement import check_agree_on, cu_checksum, dtype_code, text_code
 from ctxpar.dist.topology import CPTopology
 from ctxpar.sequence.layouts import get_layout
 from ctxpar.sequence.spec import ShardSpec
+from ctxpar.ttt.ops import autocast_dtype
 
 __all__ = ["check_agreement", "positions_error"]
 
@@ -72,7 +77,11 @@ def positions_error(cfg, topo: CPTopology, local_len: int, cu_seqlens, position_
         f"check_positions=False skips this check")
 
 
-def check_agreement(cfg, topo: CPTopology, x: torch.Tensor, cu_seqlens,
+def _eta_bits(eta: torch.Tensor) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(eta.detach())))[0]
+
+
+def check_agreement(cfg, topo: CPTopology, x: torch.Tensor, eta: torch.Tensor, cu_seqlens,
                     local: dict[str, ValueError | None]) -> None:
     """Raise a ValueError on every rank if the fields of the module docstring differ across
     ranks or any rank found one of the ``local`` errors (named by what they check). A rank
@@ -80,10 +89,13 @@ def check_agreement(cfg, topo: CPTopology, x: torch.Tensor, cu_seqlens,
     agreement's; with ``check_args`` off only the local errors are raised."""
     own = next((e for e in local.values() if e is not None), None)
     if cfg.check_args:
-        options = f"{cfg.layout} {cfg.scan_algorithm} {cfg.clip_tau!r} {cfg.target} {cfg.conv_kernel}"
+        cast = autocast_dtype(x.device.type)
+        options = (f"{cfg.layout} {cfg.scan_algorithm} {cfg.clip_tau!r} {cfg.target} "
+                   f"{cfg.conv_kernel} {cfg.learn_eta}")
         fields = {"batch": x.shape[0], "S_local": x.shape[1], "hidden": x.shape[2],
                   "dtype": dtype_code(x.dtype), "chunk_size": cfg.chunk_size,
-                  "options (layout, scan, clip, target, conv)": text_code(options),
+                  "options (layout, scan, clip, target, conv, learn_eta)": text_code(options),
+                  "eta": _eta_bits(eta), "autocast dtype": -1 if cast is None else dtype_code(cast),
                   "cu_seqlens checksum": cu_checksum(cu_seqlens)}
         fields.update({f"{name} ok": int(e is None) for name, e in local.items()})
         try:

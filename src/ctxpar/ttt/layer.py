@@ -252,7 +252,7 @@ class InPlaceTTTMLP(nn.Module):
             source, error = None, e
         local = {"target source": error,
                  "position_ids": positions_error(self.config, topo, x.shape[1], cu_seqlens, position_ids)}
-        check_agreement(self.config, topo, x, cu_seqlens, local)
+        check_agreement(self.config, topo, x, self.ttt_eta, cu_seqlens, local)
         return source
 
     def step(self, x: torch.Tensor, state: TTTState | None = None, *, embeddings=None):

@@ -56,7 +56,7 @@ from ctxpar.numerics import acc_dtype
 from ctxpar.scan import PendingScan, start_scan
 from ctxpar.ttt.plan import Plan
 
-__all__ = ["TTTApply", "chunk_delta"]
+__all__ = ["TTTApply", "autocast_dtype", "chunk_delta"]
 
 
 def _clip_scale(dw: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +108,7 @@ def _without_autocast(device_type: str):
     return torch.autocast(device_type, enabled=False)
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
+def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype an enabled autocast gives matmuls on ``device_type``, else None."""
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -142,7 +142,7 @@ class TTTApply(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, v, w0, bias, eta, plan: Plan):
         ctx.in_dtypes = (z.dtype, v.dtype)
-        cast = _autocast_dtype(z.device.type)
+        cast = autocast_dtype(z.device.type)
         with _without_autocast(z.device.type):
             if cast is not None:
                 z, v = z.to(cast), v.to(cast)
