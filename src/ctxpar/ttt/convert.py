@@ -54,10 +54,10 @@ def convert(model: nn.Module, *, layers=None, chunk_size: int = 1024, every: int
     """Replace, in place, the gated MLPs of a Hugging Face Llama / Qwen2 / Qwen3-style model
     by :class:`InPlaceTTTMLP` and return the model.
 
-    ``layers``: indices to convert; default every ``every``-th layer, counting from one
-    (layers 5, 11, 17, ... for every=6, the paper's released configuration). ``options`` go to
-    :class:`TTTConfig` unchanged (``target``, ``eta``, ``clip_tau``, ``layout``, ...);
-    ``layout`` defaults to ``"zigzag"``, as for
+    ``layers``: indices to convert; default every ``every``-th layer (a positive int),
+    counting from one (layers 5, 11, 17, ... for every=6, the paper's released
+    configuration). ``options`` go to :class:`TTTConfig` unchanged (``target``, ``eta``,
+    ``clip_tau``, ``layout``, ...); ``layout`` defaults to ``"zigzag"``, as for
     :func:`ctxpar.integrations.transformers.shard_batch` and the attention functions.
 
     Pretrained outputs are unchanged at init (the conv is zero). Trainable parameters
@@ -71,6 +71,8 @@ def convert(model: nn.Module, *, layers=None, chunk_size: int = 1024, every: int
     sharded with another layout raises instead of training on wrong carries
     (``check_positions=False`` skips this, e.g. where a wrapper shards the MLP's input
     itself)."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive int, got {every!r}")
     stack = _decoder_layers(model)
     if layers is None:
         layers = [i for i in range(len(stack)) if i % every == every - 1]

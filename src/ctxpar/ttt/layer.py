@@ -208,6 +208,8 @@ class InPlaceTTTMLP(nn.Module):
             raise ValueError(f"expected x of shape [batch, seq, hidden], got {tuple(x.shape)}")
         source = self._checked_target_source(x, embeddings, cu_seqlens, position_ids)
         plan = self.plan(x.shape[1], cu_seqlens)
+        if x.shape[1] == 0:  # every rank (the check above) has no tokens: nothing to scan
+            return self.down_proj(self.activations(x))
         z = self.activations(x)
         v = self.targets(source)
         return TTTApply.apply(z, v, self.down_proj.weight, self.down_proj.bias, self.ttt_eta, plan)
@@ -292,4 +294,6 @@ class InPlaceTTTMLP(nn.Module):
                 delta, t_buf, z_buf = delta + dw, t_buf[:, :0], z_buf[:, :0]
             state = TTTState(delta, t_buf, z_buf, state.position + take)
             pos += take
+        if not outs:  # no tokens: nothing to apply, the state as it was
+            return x.new_zeros(bsz, 0, d), state
         return torch.cat(outs, 1), state
