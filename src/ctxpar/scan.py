@@ -226,33 +226,39 @@ def start_scan(d: torch.Tensor, a: torch.Tensor | None, *, grp, layout: str,
         return torch.stack([zero if s is None else s[1] for s in states])
 
     if world == 1 or algorithm == "allgather":
-        # Ranks may hold different numbers of runs (odd a2a with zigzag): pad every
-        # message to the largest count; the padding rows are never read.
-        rows = max(len(h) for h in held)
-        local = packer.pack(elems)
-        if rows > m:
-            local = torch.cat([local, local.new_zeros(rows - m, packer.width)])
-        gathered, work = _gather(topo, local)
-
-        def done():
-            work.wait()
-            by_u = {}
-            for q in range(world):
-                got = packer.unpack(gathered[q])
-                for j, e in enumerate(held[q]):
-                    by_u[(big_m - 1 - e) if reverse else e] = got[j]
-            want = {u: j for j, u in enumerate(virt)}
-            states, state = [None] * m, None
-            for u in range(max(virt) + 1):
-                if u in want:
-                    states[want[u]] = state
-                state = _combine(state, by_u[u])
-            return finish(states)
-
-        return PendingScan(finish=done)
+        return _allgather(elems, virt, held, topo, packer, finish, reverse)
     if algorithm == "ring":
         return PendingScan(_ring(elems, virt, owner_of, big_m, topo.ring, packer, finish))
     return PendingScan(_hillis_steele(elems, virt, owner_of, big_m, topo.ring, packer, finish))
+
+
+def _allgather(elems, virt, held, topo, packer, finish, reverse) -> PendingScan:
+    """Gather every rank's elements (left in flight) and fold them in order on wait()."""
+    big_m, m = sum(len(h) for h in held), len(elems)
+    # Ranks may hold different numbers of runs (odd a2a with zigzag): pad every message to
+    # the largest count; the padding rows are never read.
+    rows = max(len(h) for h in held)
+    local = packer.pack(elems)
+    if rows > m:
+        local = torch.cat([local, local.new_zeros(rows - m, packer.width)])
+    gathered, work = _gather(topo, local)
+
+    def done():
+        work.wait()
+        by_u = {}
+        for q in range(topo.size):
+            got = packer.unpack(gathered[q])
+            for j, e in enumerate(held[q]):
+                by_u[(big_m - 1 - e) if reverse else e] = got[j]
+        want = {u: j for j, u in enumerate(virt)}
+        states, state = [None] * m, None
+        for u in range(max(virt) + 1):
+            if u in want:
+                states[want[u]] = state
+            state = _combine(state, by_u[u])
+        return finish(states)
+
+    return PendingScan(finish=done)
 
 
 def _ring(elems, virt, owner_of, big_m, grp, packer, finish):
