@@ -40,10 +40,11 @@ the wrapped MLP at init) and the fast-weight correction is added in float32.
 Autocast: the Function's internals pick their own dtypes (fp32 accumulators written in place,
 the W_0 matmul in the compute dtype), so they run with autocast *disabled*, in forward and
 backward. Under an enabled autocast, forward first casts z and v to the autocast dtype (what
-autocast hands any matmul) and W_0 follows z, so at init the output equals the wrapped MLP
-under the same autocast bit for bit. This is ``torch.amp.custom_fwd(cast_inputs=...)`` and
-``custom_bwd`` done at run time: those decorators fix the device type and the cast dtype when
-the class is defined, while this layer runs on any device under any autocast dtype.
+autocast hands any matmul; float64 stays, as autocast leaves it) and W_0 follows z, so at
+init the output equals the wrapped MLP under the same autocast bit for bit. This is
+``torch.amp.custom_fwd(cast_inputs=...)`` and ``custom_bwd`` done at run time: those
+decorators fix the device type and the cast dtype when the class is defined, while this
+layer runs on any device under any autocast dtype.
 """
 from __future__ import annotations
 
@@ -144,8 +145,8 @@ class TTTApply(torch.autograd.Function):
         ctx.in_dtypes = (z.dtype, v.dtype)
         cast = autocast_dtype(z.device.type)
         with _without_autocast(z.device.type):
-            if cast is not None:
-                z, v = z.to(cast), v.to(cast)
+            if cast is not None:  # as autocast's own casts: float64 stays float64
+                z, v = (t if t.dtype == torch.float64 else t.to(cast) for t in (z, v))
             out, y, carry = _forward(z, v, w0, bias, eta, plan)
         ctx.plan, ctx.has_bias = plan, bias is not None
         ctx.save_for_backward(z, v, w0, eta, y if ctx.needs_input_grad[4] else None, carry)
