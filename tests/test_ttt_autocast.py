@@ -80,3 +80,12 @@ def _reference_at_init():
     x, _ = make_data(torch.float32, SEQ, 1)
     with torch.no_grad():
         return layer.down_proj(layer.activations(x)).double()
+
+
+def test_autocast_leaves_float64_alone():
+    """Autocast casts no float64 op, so neither does the layer: fp64 stays fp64, exact."""
+    layer = make_layer(torch.float64, trained=False)
+    x, _ = make_data(torch.float64, SEQ, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, plain = layer(x), layer.down_proj(layer.activations(x))
+    assert out.dtype == torch.float64 and torch.equal(out, plain)
