@@ -89,3 +89,20 @@ def test_autocast_leaves_float64_alone():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, plain = layer(x), layer.down_proj(layer.activations(x))
     assert out.dtype == torch.float64 and torch.equal(out, plain)
+
+
+def test_streaming_under_autocast_keeps_float32_state():
+    """prefill_state() and step() under autocast: the fast-weight state stays float32 and
+    the decoded outputs match the full forward under the same autocast."""
+    layer = make_layer(torch.float32, chunk_size=8)
+    x, _ = make_data(torch.float32, 40, 1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = layer(x)
+        state = layer.prefill_state(x[:, :16])
+        assert state.delta.dtype == torch.float32
+        outs = []
+        for t in range(16, 40):
+            out, state = layer.step(x[:, t:t + 1], state)
+            outs.append(out)
+    assert state.delta.dtype == torch.float32 and outs[0].dtype == full.dtype
+    close(torch.cat(outs, 1), full[:, 16:].double(), TOL[torch.bfloat16], "decoded outputs")

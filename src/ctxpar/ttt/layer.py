@@ -49,7 +49,7 @@ from ctxpar.numerics import acc_dtype
 from ctxpar.scan import ALGORITHMS
 from ctxpar.sequence.layouts import get_layout
 from ctxpar.ttt.checks import check_agreement, positions_error
-from ctxpar.ttt.ops import TTTApply, chunk_delta
+from ctxpar.ttt.ops import TTTApply, chunk_delta, without_autocast
 from ctxpar.ttt.plan import Plan, build_plan
 
 __all__ = ["TTTConfig", "InPlaceTTTMLP", "TTTState"]
@@ -123,8 +123,9 @@ class InPlaceTTTMLP(nn.Module):
     hierarchical ``("ring", "ulysses")`` mesh from :func:`ctxpar.cp_mesh`, sharded as
     :func:`ctxpar.shard` does on it, with ``scan_algorithm="allgather"``). Parameter
     gradients are this rank's share: sum them over the group, as for any replicated weight.
-    Under ``torch.autocast`` the output has the autocast dtype, as the wrapped MLP's would,
-    while the fast-weight accumulators and carries stay float32 (:mod:`ctxpar.ttt.ops`).
+    Under ``torch.autocast`` the output (of forward and step) has the autocast dtype, as the
+    wrapped MLP's would, while the fast-weight accumulators, carries and streaming state stay
+    float32 (:mod:`ctxpar.ttt.ops`).
     """
 
     def __init__(self, mlp: nn.Module, *, config: TTTConfig | None = None, group=None, **options):
@@ -229,11 +230,12 @@ class InPlaceTTTMLP(nn.Module):
         z = self.activations(x)
         v = self.targets(source)
         c = self.config.chunk_size
-        if self.config.clip_tau is None:  # Σ_i V̂_iᵀ Z_i is one product over all rows
-            delta = torch.bmm(v.to(acc).transpose(1, 2), z.to(acc))
-        else:
-            delta = sum(chunk_delta(v[:, i:i + c].to(acc), z[:, i:i + c].to(acc), self.config.clip_tau)[0]
-                        for i in range(0, x.shape[1], c))
+        with without_autocast(x.device.type):  # the carry stays in acc, also under autocast
+            if self.config.clip_tau is None:  # Σ_i V̂_iᵀ Z_i is one product over all rows
+                delta = torch.bmm(v.to(acc).transpose(1, 2), z.to(acc))
+            else:
+                delta = sum(chunk_delta(v[:, i:i + c].to(acc), z[:, i:i + c].to(acc), self.config.clip_tau)[0]
+                            for i in range(0, x.shape[1], c))
         delta = delta.contiguous()
         for grp in (topo.ulysses, topo.ring):
             all_reduce(grp, delta)
@@ -280,20 +282,20 @@ class InPlaceTTTMLP(nn.Module):
         while pos < x.shape[1]:
             take = min(c - state.t_buf.shape[1], x.shape[1] - pos)
             z_r = z_all[:, pos:pos + take]
-            if acc != z_r.dtype:
-                base = F.linear(z_r, w0, self.down_proj.bias).to(acc)
-                o = base + torch.bmm(z_r.to(acc), (eta * state.delta).transpose(1, 2))
-            else:
-                o = F.linear(z_r, w0, self.down_proj.bias) + torch.bmm(z_r, (eta * state.delta).transpose(1, 2))
-            outs.append(o.to(x.dtype))
+            # The W_0 matmul as the MLP's (also under autocast); the fast weight in acc.
+            base = F.linear(z_r, w0, self.down_proj.bias).to(acc)
+            with without_autocast(x.device.type):
+                outs.append((base + torch.bmm(z_r.to(acc), (eta * state.delta).transpose(1, 2))).to(z_r.dtype))
             t_buf = torch.cat([state.t_buf, t_all[:, pos:pos + take]], 1)
             z_buf = torch.cat([state.z_buf, z_r], 1)
             delta = state.delta
             if t_buf.shape[1] == c:  # the chunk is complete: fold its delta in
-                dw, _ = chunk_delta(self.targets(t_buf).to(acc), z_buf.to(acc), self.config.clip_tau)
+                v_buf = self.targets(t_buf)
+                with without_autocast(x.device.type):
+                    dw, _ = chunk_delta(v_buf.to(acc), z_buf.to(acc), self.config.clip_tau)
                 delta, t_buf, z_buf = delta + dw, t_buf[:, :0], z_buf[:, :0]
             state = TTTState(delta, t_buf, z_buf, state.position + take)
             pos += take
         if not outs:  # no tokens: nothing to apply, the state as it was
-            return x.new_zeros(bsz, 0, d), state
+            return z_all.new_zeros(bsz, 0, d), state
         return torch.cat(outs, 1), state

@@ -57,7 +57,7 @@ from ctxpar.numerics import acc_dtype
 from ctxpar.scan import PendingScan, start_scan
 from ctxpar.ttt.plan import Plan
 
-__all__ = ["TTTApply", "autocast_dtype", "chunk_delta"]
+__all__ = ["TTTApply", "autocast_dtype", "chunk_delta", "without_autocast"]
 
 
 def _clip_scale(dw: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +102,7 @@ def _matmul_t(x, w):
     return torch.bmm(x, w.transpose(1, 2))
 
 
-def _without_autocast(device_type: str):
+def without_autocast(device_type: str):
     """A context with autocast off on ``device_type`` (see the module docstring)."""
     if not torch.amp.is_autocast_available(device_type):
         return contextlib.nullcontext()
@@ -144,7 +144,7 @@ class TTTApply(torch.autograd.Function):
     def forward(ctx, z, v, w0, bias, eta, plan: Plan):
         ctx.in_dtypes = (z.dtype, v.dtype)
         cast = autocast_dtype(z.device.type)
-        with _without_autocast(z.device.type):
+        with without_autocast(z.device.type):
             if cast is not None:  # as autocast's own casts: float64 stays float64
                 z, v = (t if t.dtype == torch.float64 else t.to(cast) for t in (z, v))
             out, y, carry = _forward(z, v, w0, bias, eta, plan)
@@ -157,7 +157,7 @@ class TTTApply(torch.autograd.Function):
     def backward(ctx, grad_out):
         z, v, w0, eta, y, carry = ctx.saved_tensors
         plan: Plan = ctx.plan
-        with _without_autocast(z.device.type):
+        with without_autocast(z.device.type):
             g = grad_out.to(carry.dtype)
             dz, dv, dw0, rsum = _backward(g, z, v, w0, eta, carry, plan)
             d_eta = None
