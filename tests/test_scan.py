@@ -220,3 +220,53 @@ def test_scans_on_hierarchical_meshes(run_ranks, sizes, layout):
                 if "affine" in variant:
                     want = torch.zeros_like(decl) if decl.grad is None else decl.grad
                     torch.testing.assert_close(gd, want[idx].reshape(gd.shape), rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------ non-finite elements
+# A reset must select the restarted state, not multiply the old one by a zero coefficient
+# (0 * inf = NaN): a non-finite element before a reset reaches no prefix after it, and a
+# non-finite output gradient after a reset reaches no value gradient before it.
+def _non_finite_rank(layout):
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    d, decay, _, grad = _elements(world, layout)
+    big_m, idx = d.shape[0], _mine(layout, rank, world)
+    squeeze = (lambda t: t[0]) if layout == "contiguous" else (lambda t: t)
+    results = {}
+    for reverse in (False, True):
+        step = -1 if reverse else 1
+        reset = big_m - 2 if reverse else 1  # the poisoned value sits just before it
+        flags = torch.arange(big_m) == reset
+        for what in ("values", "grad"):
+            vals, g = d.clone(), grad.clone()
+            if what == "values":
+                vals[reset - step] = float("inf")
+            else:  # the output gradient of the element just after the reset
+                g[reset + step] = float("inf")
+            for algorithm in ALGORITHMS:
+                v = squeeze(vals[idx]).requires_grad_(True)
+                dec = squeeze(decay[idx]).requires_grad_(True)
+                out = exclusive_scan(v, decay=dec, reset=squeeze(flags[idx]), layout=layout,
+                                     algorithm=algorithm, reverse=reverse)
+                (out * squeeze(g[idx])).sum().backward()
+                results[reverse, what, algorithm] = [
+                    (q, reset, *(t if layout == "contiguous" else t[j] for t in (out.detach(), v.grad, dec.grad)))
+                    for j, q in enumerate(idx)]
+    return results
+
+
+@pytest.mark.parametrize("world,layout", [(2, "zigzag"), (3, "zigzag"), (3, "contiguous")])
+def test_resets_isolate_non_finite_elements(run_ranks, world, layout):
+    """Values: every prefix but the reset element's own (the poisoned state itself) is
+    finite, and so is every gradient (a reset's decay multiplies no state: its gradient is
+    0). Gradients: the value gradients beyond the reset (in the backward's direction) are
+    finite."""
+    found = []
+    for rank in run_ranks(world, _non_finite_rank, layout):
+        for (reverse, what, algorithm), elems in rank.items():
+            for q, reset, out, gv, gd in elems:
+                beyond = q > reset if reverse else q < reset
+                checks = ({"prefix": (out, q != reset), "value grad": (gv, True), "decay grad": (gd, True)}
+                          if what == "values" else {"value grad": (gv, beyond)})
+                found += [f"{what} poisoned, reverse={reverse}, {algorithm}: {name} of element {q}"
+                          for name, (t, must) in checks.items() if must and not bool(torch.isfinite(t).all())]
+    assert not found, "\n".join(found)

@@ -14,38 +14,23 @@ from ctxpar.ttt import InPlaceTTTMLP, TTTConfig
 from ctxpar.observe.memory import saved_tensor_bytes
 from ctxpar.ttt.reference import GatedMLP, all_chunk_weights_forward, documents_reference, ttt_reference
 
+from _ttt_cases import B, C, D, FF, close, make_data, make_layer
+
 WORLDS = [1, 2, 3, 4]
-D, FF, B, S, C = 8, 16, 2, 96, 4
+S = 96
 TOL = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2}
 CU = (0, 10, 16, 45, 46, 80, 96)  # a start mid-chunk, chunk-aligned ones, two in one chunk
 PARAMS = ("gate_proj.weight", "up_proj.weight", "down_proj.weight", "ttt_conv", "ttt_target", "ttt_eta")
 
 
-
-def _layer(dtype, group=None, trained=True, **options):
-    """A layer with every TTT parameter away from its init, so that ΔW != 0."""
-    torch.manual_seed(0)
-    layer = InPlaceTTTMLP(GatedMLP(D, FF).double(), group=group, chunk_size=options.pop("chunk_size", C),
-                          **options).double()
-    if trained:
-        with torch.no_grad():
-            layer.ttt_conv.normal_()
-            layer.ttt_target.normal_(std=0.3)
-            layer.ttt_eta.fill_(0.3)
-    return layer.to(dtype)
-
-
 def _data(dtype, seq=S):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(B, seq, D, generator=g, dtype=torch.float64).to(dtype)
-    gout = torch.randn(B, seq, D, generator=g, dtype=torch.float64)
-    return x, gout
+    return make_data(dtype, seq)
 
 
 @functools.lru_cache(maxsize=None)
 def _reference(dtype_name, clip=None, cu=None, seq=S):
     dtype = getattr(torch, dtype_name)
-    layer = _layer(dtype, clip_tau=clip)
+    layer = make_layer(dtype, clip_tau=clip)
     x, gout = _data(dtype, seq)
     p = {k: v.detach().double().requires_grad_(True) for k, v in layer.named_parameters()}
     xr = x.double().requires_grad_(True)
@@ -61,7 +46,7 @@ def _cp_rank(dtype_name, layout, clip=None, cu=None, algorithm="allgather", seq=
              mesh_sizes=None):
     dtype = getattr(torch, dtype_name)
     group = None if mesh_sizes is None else cp_mesh(hierarchical_context_parallel_sizes=mesh_sizes)
-    layer = _layer(dtype, group=group, layout=layout, clip_tau=clip, scan_algorithm=algorithm,
+    layer = make_layer(dtype, group=group, layout=layout, clip_tau=clip, scan_algorithm=algorithm,
                    overlap=overlap)
     x, gout = _data(dtype, seq)
     x_local = ctxpar.shard(x, group=group, layout=layout).detach().requires_grad_(True)
@@ -81,21 +66,14 @@ def _assemble(results, key):
     return full
 
 
-def _close(got, want, tol, what):
-    err = (got.double() - want).abs().max().item()
-    scale = want.abs().max().item()
-    assert scale > 0, what
-    assert err <= tol * scale, f"{what}: max error {err:.3g} vs magnitude {scale:.3g} (tol {tol})"
-
-
 def _check(results, dtype_name, clip=None, cu=None):
     ref_out, ref_dx, ref_grads = _reference(dtype_name, clip, cu)
     tol = TOL[dtype_name]
     assert all(r["dtype"] == getattr(torch, dtype_name) for r in results)
-    _close(_assemble(results, "out"), ref_out, tol, "output")
-    _close(_assemble(results, "dx"), ref_dx, tol, "input grad")
+    close(_assemble(results, "out"), ref_out, tol, "output")
+    close(_assemble(results, "dx"), ref_dx, tol, "input grad")
     for name in PARAMS:  # parameter gradients are per-rank shares: their sum is the total
-        _close(sum(r["grads"][name].double() for r in results), ref_grads[name], tol, name)
+        close(sum(r["grads"][name].double() for r in results), ref_grads[name], tol, name)
 
 
 # ------------------------------------------------------------ packed documents (shard_packed)
@@ -114,12 +92,12 @@ def _packed_docs(layout, world):
 def _packed_reference(docs, clip=None):
     """Each document alone through the float64 token loop (zero-padded to whole chunks)."""
     x, gout = _data(torch.float64, docs[-1])
-    return documents_reference(_layer(torch.float64, clip_tau=clip), x, gout, docs, clip)
+    return documents_reference(make_layer(torch.float64, clip_tau=clip), x, gout, docs, clip)
 
 
 def _packed_rank(docs, layout, clip=None, algorithm="allgather", overlap=True, mesh_sizes=None):
     group = None if mesh_sizes is None else cp_mesh(hierarchical_context_parallel_sizes=mesh_sizes)
-    layer = _layer(torch.float64, group=group, layout=layout, clip_tau=clip, scan_algorithm=algorithm,
+    layer = make_layer(torch.float64, group=group, layout=layout, clip_tau=clip, scan_algorithm=algorithm,
                    overlap=overlap)
     x, gout = _data(torch.float64, docs[-1])
     cu = torch.tensor(docs, dtype=torch.int32)
@@ -134,10 +112,10 @@ def _packed_rank(docs, layout, clip=None, algorithm="allgather", overlap=True, m
 def _check_packed(results, docs, clip=None):
     ref_out, ref_dx, ref_grads = _packed_reference(docs, clip)
     for r in results:
-        _close(r["out"], ref_out, TOL["float64"], "output")
-        _close(r["dx"], ref_dx, TOL["float64"], "input grad")
+        close(r["out"], ref_out, TOL["float64"], "output")
+        close(r["dx"], ref_dx, TOL["float64"], "input grad")
     for name in PARAMS:
-        _close(sum(r["grads"][name] for r in results), ref_grads[name], TOL["float64"], name)
+        close(sum(r["grads"][name] for r in results), ref_grads[name], TOL["float64"], name)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
@@ -210,13 +188,13 @@ def test_bytes_per_rank_do_not_depend_on_sequence_length(run_ranks):
         per_s[seq] = [r["bytes"] for r in run_ranks(world, _cp_rank, "float32", "contiguous", None, None,
                                                      "allgather", seq)]
     # One all-gather of the fp32 block summary [B, D, F] forward, one backward, and the
-    # argument check's all-gather of 8 int64 fields.
-    expected = 2 * (world - 1) * B * D * FF * 4 + (world - 1) * 8 * 8
+    # argument check's all-gather of 11 int64 fields.
+    expected = 2 * (world - 1) * B * D * FF * 4 + (world - 1) * 11 * 8
     assert per_s[32] == per_s[64] == [expected] * world
 
 
 def _causality_rank(layout, t):
-    layer = _layer(torch.float32, layout=layout)
+    layer = make_layer(torch.float32, layout=layout)
     x, _ = _data(torch.float32)
     x2 = x.clone()
     x2[:, t + 1] += 1.0
@@ -256,19 +234,19 @@ def test_saved_tensors_do_not_grow_with_chunks():
     x = torch.randn(1, seq, D, dtype=torch.float32)
     ours, naive = {}, {}
     for chunk in (4, 8, 16, 32):
-        layer = _layer(torch.float32, chunk_size=chunk)
+        layer = make_layer(torch.float32, chunk_size=chunk)
         ours[chunk] = saved_tensor_bytes(lambda: layer(x))
         naive[chunk] = saved_tensor_bytes(lambda: all_chunk_weights_forward(layer, x, chunk))
     assert len(set(ours.values())) == 1, ours  # 2 to 16 chunks: identical saved bytes
     assert naive[4] - naive[32] >= (16 - 2) * D * FF * 4 // 2, naive  # the probe sees growth
     # Clipping saves nothing per chunk either (the factors are recomputed with ΔW).
-    clipped = {ck: saved_tensor_bytes(lambda: _layer(torch.float32, chunk_size=ck, clip_tau=0.5)(x)) for ck in (4, 32)}
+    clipped = {ck: saved_tensor_bytes(lambda: make_layer(torch.float32, chunk_size=ck, clip_tau=0.5)(x)) for ck in (4, 32)}
     assert clipped[4] == clipped[32] == ours[4]
 
 
 @pytest.mark.parametrize("clip", [None, 0.5])
 def test_streaming_matches_full_forward(clip):
-    layer = _layer(torch.float64, chunk_size=8, clip_tau=clip)
+    layer = make_layer(torch.float64, chunk_size=8, clip_tau=clip)
     x, _ = _data(torch.float64, seq=40)
     with torch.no_grad():
         full = layer(x)
@@ -279,13 +257,13 @@ def test_streaming_matches_full_forward(clip):
             outs.append(out)
     assert state.position == 40 and state.t_buf.shape[1] == 0
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
-    plain = _layer(torch.float64, chunk_size=8, trained=False)(x)
+    plain = make_layer(torch.float64, chunk_size=8, trained=False)(x)
     assert (full - plain).abs().max() > 1e-3  # the fast weights do change the output
 
 
 def _prefill_then_decode_rank(layout, clip):
     """Prefill the first S tokens under CP, then decode 2C more one token at a time."""
-    layer = _layer(torch.float64, layout=layout, clip_tau=clip)
+    layer = make_layer(torch.float64, layout=layout, clip_tau=clip)
     x, _ = _data(torch.float64, S + 2 * C)
     with torch.no_grad():
         state = layer.prefill_state(ctxpar.shard(x[:, :S], layout=layout))
@@ -300,7 +278,7 @@ def _prefill_then_decode_rank(layout, clip):
 @pytest.mark.parametrize("world,layout", [(2, "zigzag"), (3, "contiguous"), (4, "zigzag")])
 def test_decode_after_a_cp_prefill(run_ranks, world, layout, clip):
     per_rank = run_ranks(world, _prefill_then_decode_rank, layout, clip)
-    layer = _layer(torch.float64, clip_tau=clip)
+    layer = make_layer(torch.float64, clip_tau=clip)
     x, _ = _data(torch.float64, S + 2 * C)
     p = dict(layer.named_parameters())
     with torch.no_grad():
@@ -315,7 +293,7 @@ def test_decode_after_a_cp_prefill(run_ranks, world, layout, clip):
 
 
 def test_embeddings_target():
-    layer = _layer(torch.float64, chunk_size=8, target="embeddings")
+    layer = make_layer(torch.float64, chunk_size=8, target="embeddings")
     x, _ = _data(torch.float64, seq=32)
     emb = torch.randn_like(x)
     p = dict(layer.named_parameters())
@@ -368,7 +346,9 @@ def test_shards_that_differ_across_ranks_fail_on_every_rank(run_ranks):
     with pytest.raises(RankError) as info:  # would hang rank 0 in the ring scan otherwise
         run_ranks(2, _embeddings_missing_on_one_rank)
     assert set(info.value.exc_types) == {0, 1}
-    assert all("target source ok differs on rank(s)" in f for f in info.value.failures.values())
+    # The rank that found the problem names it; its peer learns of it from the check.
+    assert "target='embeddings' needs embeddings" in info.value.failures[1]
+    assert "target source ok differs on rank(s)" in info.value.failures[0]
     for sizes in (None, [2, 2]):
         with pytest.raises(RankError) as info:
             run_ranks(4, _mismatched_rank, sizes)

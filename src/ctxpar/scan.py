@@ -13,22 +13,26 @@ in the sequence. With N ranks:
 - On a ``("ring", "ulysses")`` mesh, CP rank ``r * a2a + u`` holds the runs of its piece
   of ring rank r's shard (for zigzag, a leading dim of m = 1 or 2 runs; :func:`owners`).
 
-Element q is a pair ``(a_q, D_q)`` acting on a state as ``S -> a_q * S + D_q``:
+Element q acts on a state as ``S -> a_q * S + D_q``, or ``S -> D_q`` where its reset flag
+``f_q`` is set (the state restarts at element q):
 
 - sum: ``a_q = 1``;
 - affine / decayed: ``a_q = decay_q`` (any shape that broadcasts against ``D_q``);
-- segmented: ``a_q = 0`` where ``reset_q`` is set (the state restarts at element q),
-  else 1 (times the decay when both are given).
+- segmented: ``f_q = reset_q`` (with a decay or without).
 
-Applying element 1 then element 2 composes as ``(a1, D1) then (a2, D2) = (a2*a1, a2*D1 + D2)``
-(for segments: ``(f1 or f2, f2 ? D2 : D1 + D2)``). The *exclusive* scan returns, for each
+Applying element 1 then element 2 composes as ``(a1, D1) then (a2, D2) = (a2*a1, a2*D1 + D2)``,
+and with resets as ``(f1 or f2, f2 ? D2 : a2*D1 + D2)``. A reset *selects* D2; it never scales
+the old state by a zero coefficient, since 0 * inf = NaN would carry a non-finite value
+(say one packed document's overflow) across the reset into every later element, and
+likewise backwards through the gradients. The *exclusive* scan returns, for each
 element q, ``S_q = sum_{p<q} (prod_{p<k<q} a_k) D_p``: element q's own D never enters its
 own prefix. Nothing is ever computed as an inclusive scan minus the element itself, so a
 prefix is exact up to the rounding of the sums it contains. ``reverse=True`` scans from the
 last element to the first: ``T_q = sum_{p>q} (prod_{q<k<p} a_k) D_p``.
 
 Autograd: the backward of an exclusive scan is the reverse exclusive scan of the output
-gradients with the same ``a`` (``dD_q = T_q``), and ``d a_q = T_q * S_q``.
+gradients with the same ``a`` and resets (``dD_q = T_q``), and ``d a_q = T_q * S_q``, or 0
+where element q resets (its ``a_q`` multiplies no state).
 
 Algorithms (all give the same result up to the order of the additions)
 ------------------------------------------------------------------------
@@ -111,43 +115,54 @@ def _gather(topo: CPTopology, local: torch.Tensor):
 
 
 # ------------------------------------------------------------------------ element algebra
-# An element is (a, D) with a None meaning "a = 1" (a plain sum); None as a whole element
-# is the identity. ``first`` precedes ``second`` in scan order.
+# An element is (a, D, f): a None means "a = 1" (a plain sum), f a 0-dim bool tensor (the
+# reset flag) or None (no resets); None as a whole element is the identity. Every element
+# of one scan has the same None-ness of a and of f.
 
 
 def _combine(first, second):
+    """``first`` then ``second`` (in scan order). A set reset flag of ``second`` selects its
+    state with ``torch.where``: the old state may be non-finite, and 0 * inf is NaN."""
     if first is None:
         return second
-    a1, d1 = first
-    a2, d2 = second
+    a1, d1, f1 = first
+    a2, d2, f2 = second
     if a2 is None:
-        return a1, d1 + d2
-    a = a2 if a1 is None else a2 * a1
-    return a, torch.addcmul(d2, a2, d1)
+        a, d = None, d1 + d2
+    else:
+        a, d = a2 * a1, torch.addcmul(d2, a2, d1)
+    if f2 is None:
+        return a, d, None
+    return (None if a is None else torch.where(f2, a2, a)), torch.where(f2, d2, d), f1 | f2
 
 
 class _Packer:
-    """Flattens elements into rows of one buffer so one message carries several."""
+    """Flattens elements into rows of one buffer so one message carries several: a row is
+    ``[f (1 value, if resets), a (if a decay), D]`` in the carry dtype."""
 
-    def __init__(self, d_shape, a_shape, dtype, device):
-        self.d_shape, self.a_shape = tuple(d_shape), a_shape
+    def __init__(self, d_shape, a_shape, flags: bool, dtype, device):
+        self.d_shape, self.a_shape, self.flags = tuple(d_shape), a_shape, flags
         self.nd = math.prod(self.d_shape)
+        self.nf = int(flags)
         self.na = 0 if a_shape is None else math.prod(a_shape)
-        self.width = self.na + self.nd
+        self.width = self.nf + self.na + self.nd
         self.dtype, self.device = dtype, device
 
     def pack(self, elems) -> torch.Tensor:
         rows = []
-        for a, d in elems:
-            parts = [] if self.a_shape is None else [a.reshape(-1)]
+        for a, d, f in elems:
+            parts = [f.to(d.dtype).reshape(1)] if self.flags else []
+            parts += [] if self.a_shape is None else [a.reshape(-1)]
             rows.append(torch.cat(parts + [d.reshape(-1)]))
         return torch.stack(rows)
 
     def unpack(self, buf: torch.Tensor):
         out = []
+        lo = self.nf + self.na
         for row in buf.reshape(-1, self.width):
-            a = None if self.a_shape is None else row[: self.na].view(self.a_shape)
-            out.append((a, row[self.na:].view(self.d_shape)))
+            f = row[0] > 0.5 if self.flags else None
+            a = None if self.a_shape is None else row[self.nf:lo].view(self.a_shape)
+            out.append((a, row[lo:].view(self.d_shape), f))
         return out
 
     def empty(self, n: int) -> torch.Tensor:
@@ -168,12 +183,15 @@ class PendingScan:
 
 
 def start_scan(d: torch.Tensor, a: torch.Tensor | None, *, grp, layout: str,
-               algorithm: str = "allgather", reverse: bool = False, held=None) -> PendingScan:
+               algorithm: str = "allgather", reverse: bool = False, held=None,
+               reset: torch.Tensor | None = None) -> PendingScan:
     """Non-differentiable exclusive scan of this rank's ``m`` elements.
 
     ``d``: ``[m, *shape]`` (carry dtype); ``a``: ``None`` (sum) or ``[m, *a_shape]`` with
-    ``a_shape`` broadcastable to ``shape``. ``grp``: a :class:`~ctxpar.dist.topology.CPTopology` or anything ``group=`` takes. Every rank must pass the
-    same shapes and the same ``a is None``. ``held`` overrides the layout's element map
+    ``a_shape`` broadcastable to ``shape``; ``reset``: ``None`` or bool ``[m]``, the elements
+    where the state restarts (selected, never scaled by zero: see the module docstring).
+    ``grp``: a :class:`~ctxpar.dist.topology.CPTopology` or anything ``group=`` takes. Every
+    rank must pass the same shapes, ``a is None`` and ``reset is None``. ``held`` overrides the layout's element map
     (:func:`owners`): the element indices of every CP rank, in local order, e.g. the runs
     of a packed shard. ``allgather`` returns at once with the gather in flight; the other
     algorithms finish before returning."""
@@ -190,7 +208,8 @@ def start_scan(d: torch.Tensor, a: torch.Tensor | None, *, grp, layout: str,
     m, big_m = len(mine), sum(len(h) for h in held)
     if d.shape[0] != m:
         raise ValueError(f"layout={layout!r} holds {m} element(s) on this rank; got a leading dim of {d.shape[0]}")
-    elems = [(None if a is None else a[j], d[j]) for j in range(m)]
+    elems = [(None if a is None else a[j], d[j], None if reset is None else reset[j].to(torch.bool))
+             for j in range(m)]
     # Work in virtual indices u: u = e going forward, u = M-1-e in reverse; the scan is then
     # always a forward exclusive scan over u.
     virt = [(big_m - 1 - e) if reverse else e for e in mine]
@@ -199,40 +218,47 @@ def start_scan(d: torch.Tensor, a: torch.Tensor | None, *, grp, layout: str,
     def owner_of(u: int) -> tuple[int, int]:
         return where[(big_m - 1 - u) if reverse else u]
 
-    packer = _Packer(d.shape[1:], None if a is None else a.shape[1:], d.dtype, d.device)
+    packer = _Packer(d.shape[1:], None if a is None else a.shape[1:], reset is not None, d.dtype,
+                     d.device)
     zero = torch.zeros_like(d[0])
 
     def finish(states) -> torch.Tensor:
         return torch.stack([zero if s is None else s[1] for s in states])
 
     if world == 1 or algorithm == "allgather":
-        # Ranks may hold different numbers of runs (odd a2a with zigzag): pad every
-        # message to the largest count; the padding rows are never read.
-        rows = max(len(h) for h in held)
-        local = packer.pack(elems)
-        if rows > m:
-            local = torch.cat([local, local.new_zeros(rows - m, packer.width)])
-        gathered, work = _gather(topo, local)
-
-        def done():
-            work.wait()
-            by_u = {}
-            for q in range(world):
-                got = packer.unpack(gathered[q])
-                for j, e in enumerate(held[q]):
-                    by_u[(big_m - 1 - e) if reverse else e] = got[j]
-            want = {u: j for j, u in enumerate(virt)}
-            states, state = [None] * m, None
-            for u in range(max(virt) + 1):
-                if u in want:
-                    states[want[u]] = state
-                state = _combine(state, by_u[u])
-            return finish(states)
-
-        return PendingScan(finish=done)
+        return _allgather(elems, virt, held, topo, packer, finish, reverse)
     if algorithm == "ring":
         return PendingScan(_ring(elems, virt, owner_of, big_m, topo.ring, packer, finish))
     return PendingScan(_hillis_steele(elems, virt, owner_of, big_m, topo.ring, packer, finish))
+
+
+def _allgather(elems, virt, held, topo, packer, finish, reverse) -> PendingScan:
+    """Gather every rank's elements (left in flight) and fold them in order on wait()."""
+    big_m, m = sum(len(h) for h in held), len(elems)
+    # Ranks may hold different numbers of runs (odd a2a with zigzag): pad every message to
+    # the largest count; the padding rows are never read.
+    rows = max(len(h) for h in held)
+    local = packer.pack(elems)
+    if rows > m:
+        local = torch.cat([local, local.new_zeros(rows - m, packer.width)])
+    gathered, work = _gather(topo, local)
+
+    def done():
+        work.wait()
+        by_u = {}
+        for q in range(topo.size):
+            got = packer.unpack(gathered[q])
+            for j, e in enumerate(held[q]):
+                by_u[(big_m - 1 - e) if reverse else e] = got[j]
+        want = {u: j for j, u in enumerate(virt)}
+        states, state = [None] * m, None
+        for u in range(max(virt) + 1):
+            if u in want:
+                states[want[u]] = state
+            state = _combine(state, by_u[u])
+        return finish(states)
+
+    return PendingScan(finish=done)
 
 
 def _ring(elems, virt, owner_of, big_m, grp, packer, finish):
@@ -253,10 +279,7 @@ def _ring(elems, virt, owner_of, big_m, grp, packer, finish):
         states[j] = excl
         incl[u] = _combine(excl, elems[j])
         if u + 1 < big_m and owner_of(u + 1)[0] != me:
-            a, dd = incl[u]
-            if packer.a_shape is not None and a is None:
-                a = torch.ones(packer.a_shape, dtype=dd.dtype, device=dd.device)
-            sends.append(exchange(grp, [(packer.pack([(a, dd)]), owner_of(u + 1)[0])], []))
+            sends.append(exchange(grp, [(packer.pack([incl[u]]), owner_of(u + 1)[0])], []))
     for s in sends:
         s.wait()
     return finish(states)
@@ -305,6 +328,8 @@ def _hillis_steele(elems, virt, owner_of, big_m, grp, packer, finish):
 
 
 def _normalise(values, decay, reset, layout, m, stacked):
+    """``values`` as ``m`` carry-dtype elements ``d``, the decay as ``a`` (None: a sum) and
+    the reset flags as bool ``[m]`` (None: no resets)."""
     shape = values.shape[1:] if stacked else values.shape
     acc = acc_dtype(values.dtype)
     d = values.detach().to(acc).reshape(m, *shape)
@@ -324,8 +349,6 @@ def _normalise(values, decay, reset, layout, m, stacked):
         flags = torch.as_tensor(reset, dtype=torch.bool, device=values.device).reshape(-1)
         if flags.numel() != m:
             raise ValueError(f"reset must hold {m} flag(s) for layout={layout!r}; got {flags.numel()}")
-        keep = (~flags).to(acc).reshape(m, *([1] * len(shape)))
-        a = keep if a is None else a * keep
     return d, a, flags
 
 
@@ -337,7 +360,8 @@ class _ScanFn(torch.autograd.Function):
             raise ValueError(f"layout='zigzag' scans {m} element(s) on this rank: values needs a "
                              f"leading dim of {m}, got shape {tuple(values.shape)}")
         d, a, flags = _normalise(values, decay, reset, layout, m, layout == "zigzag")
-        out = start_scan(d, a, grp=grp, layout=layout, algorithm=algorithm, reverse=reverse).wait()
+        out = start_scan(d, a, grp=grp, layout=layout, algorithm=algorithm, reverse=reverse,
+                         reset=flags).wait()
         ctx.meta = (grp, layout, algorithm, reverse, values.shape, values.dtype, m)
         ctx.decay_shape = None if decay is None else torch.as_tensor(decay).shape
         ctx.save_for_backward(a, out, flags)
@@ -348,13 +372,14 @@ class _ScanFn(torch.autograd.Function):
         grp, layout, algorithm, reverse, shape, dtype, m = ctx.meta
         a, out, flags = ctx.saved_tensors
         g = grad.to(out.dtype).reshape(out.shape)
-        t = start_scan(g, a, grp=grp, layout=layout, algorithm=algorithm, reverse=not reverse).wait()
+        t = start_scan(g, a, grp=grp, layout=layout, algorithm=algorithm, reverse=not reverse,
+                       reset=flags).wait()
         gv = t.reshape(shape).to(dtype) if ctx.needs_input_grad[0] else None
         gd = None
         if ctx.needs_input_grad[1]:
             ga = t * out  # d a_q = T_q * S_q
-            if flags is not None:
-                ga = ga * (~flags).to(ga.dtype).reshape(m, *([1] * (ga.dim() - 1)))
+            if flags is not None:  # a reset's a_q scales no state; S_q may be non-finite
+                ga = torch.where(flags.reshape(m, *([1] * (ga.dim() - 1))), 0.0, ga)
             ga = ga.reshape(shape)
             gd = ga.sum_to_size(ctx.decay_shape) if ctx.decay_shape != ga.shape else ga
             gd = gd.to(dtype)

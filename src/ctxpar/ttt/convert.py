@@ -23,19 +23,21 @@ class _EmbeddingTap:
 
 
 class _DocumentTap:
-    """Holds, while one decoder layer runs, the packed-document boundaries it was called
-    with: Hugging Face decoder layers pass ``cu_seq_lens_q`` (what
+    """Holds, while one decoder layer runs, the packed-document boundaries (``value``) and
+    the position ids (``positions``) it was called with: Hugging Face decoder layers pass
+    ``cu_seq_lens_q`` and ``position_ids`` (what
     :func:`ctxpar.integrations.transformers.shard_batch` sets) to attention but call the MLP
-    with the hidden states alone."""
+    with the hidden states alone. The positions let the layer check that the shard fits its
+    layout (:mod:`ctxpar.ttt.checks`)."""
 
     def __init__(self):
-        self.value = None
+        self.value = self.positions = None
 
     def enter(self, module, args, kwargs):
-        self.value = kwargs.get("cu_seq_lens_q")
+        self.value, self.positions = kwargs.get("cu_seq_lens_q"), kwargs.get("position_ids")
 
     def leave(self, module, args, kwargs, output):
-        self.value = None
+        self.value = self.positions = None
 
 
 def _decoder_layers(model: nn.Module):
@@ -52,9 +54,11 @@ def convert(model: nn.Module, *, layers=None, chunk_size: int = 1024, every: int
     """Replace, in place, the gated MLPs of a Hugging Face Llama / Qwen2 / Qwen3-style model
     by :class:`InPlaceTTTMLP` and return the model.
 
-    ``layers``: indices to convert; default every ``every``-th layer, counting from one
-    (layers 5, 11, 17, ... for every=6, the paper's released configuration). ``options`` go to
-    :class:`TTTConfig` (``target``, ``eta``, ``clip_tau``, ``layout``, ...).
+    ``layers``: indices to convert; default every ``every``-th layer (a positive int),
+    counting from one (layers 5, 11, 17, ... for every=6, the paper's released
+    configuration). ``options`` go to :class:`TTTConfig` unchanged (``target``, ``eta``,
+    ``clip_tau``, ``layout``, ...); ``layout`` defaults to ``"zigzag"``, as for
+    :func:`ctxpar.integrations.transformers.shard_batch` and the attention functions.
 
     Pretrained outputs are unchanged at init (the conv is zero). Trainable parameters
     added per converted layer: ``mlp.ttt_conv``, ``mlp.ttt_target`` and ``mlp.ttt_eta``
@@ -62,7 +66,13 @@ def convert(model: nn.Module, *, layers=None, chunk_size: int = 1024, every: int
     their names and their ``requires_grad``: freeze them yourself for a TTT-only fine-tune.
     With ``target="embeddings"`` a forward hook on the input embedding feeds the layers.
     Hooks on each converted decoder layer hand its ``cu_seq_lens_q`` keyword (packed
-    documents, see :func:`ctxpar.integrations.transformers.shard_batch`) to the TTT MLP."""
+    documents, see :func:`ctxpar.integrations.transformers.shard_batch`) and its
+    ``position_ids`` to the TTT MLP; under CP the positions must fit ``layout``, so a batch
+    sharded with another layout raises instead of training on wrong carries
+    (``check_positions=False`` skips this, e.g. where a wrapper shards the MLP's input
+    itself)."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive int, got {every!r}")
     stack = _decoder_layers(model)
     if layers is None:
         layers = [i for i in range(len(stack)) if i % every == every - 1]

@@ -43,13 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctxpar.dist.agreement import check_agree_on, cu_checksum, dtype_code, text_code
 from ctxpar.dist.collectives import all_reduce
 from ctxpar.dist.topology import resolve
 from ctxpar.numerics import acc_dtype
 from ctxpar.scan import ALGORITHMS
 from ctxpar.sequence.layouts import get_layout
-from ctxpar.ttt.ops import TTTApply, chunk_delta
+from ctxpar.ttt.checks import check_agreement, positions_error
+from ctxpar.ttt.ops import TTTApply, chunk_delta, without_autocast
 from ctxpar.ttt.plan import Plan, build_plan
 
 __all__ = ["TTTConfig", "InPlaceTTTMLP", "TTTState"]
@@ -68,10 +68,12 @@ class TTTConfig:
     learn_eta: bool = True             # η is a Parameter (else a buffer)
     clip_tau: float | None = None      # Frobenius clip of each chunk's ΔW
     target_init_std: float = 0.02      # std of W_target's random diagonal
-    layout: str = "contiguous"         # CP sequence layout: "contiguous" or "zigzag"
+    layout: str = "zigzag"             # CP sequence layout: "zigzag" (the library's default:
+                                       # ctxpar.shard, attention, shard_batch) or "contiguous"
     scan_algorithm: str = "allgather"  # see ctxpar.scan.ALGORITHMS
     overlap: bool = True               # see ctxpar.ttt.ops: gather during the chunk loop
     check_args: bool = True            # one small all-gather per call: shapes agree across ranks
+    check_positions: bool = True       # position ids at hand must fit the layout (ttt.checks)
 
     def __post_init__(self):
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
@@ -121,6 +123,9 @@ class InPlaceTTTMLP(nn.Module):
     hierarchical ``("ring", "ulysses")`` mesh from :func:`ctxpar.cp_mesh`, sharded as
     :func:`ctxpar.shard` does on it, with ``scan_algorithm="allgather"``). Parameter
     gradients are this rank's share: sum them over the group, as for any replicated weight.
+    Under ``torch.autocast`` the output (of forward and step) has the autocast dtype, as the
+    wrapped MLP's would, while the fast-weight accumulators, carries and streaming state stay
+    float32 (:mod:`ctxpar.ttt.ops`).
     """
 
     def __init__(self, mlp: nn.Module, *, config: TTTConfig | None = None, group=None, **options):
@@ -184,19 +189,28 @@ class InPlaceTTTMLP(nn.Module):
         return build_plan(self.config, resolve(self.group), local_len, cu_seqlens)
 
     # ------------------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, *, embeddings=None, cu_seqlens=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, embeddings=None, cu_seqlens=None,
+                position_ids=None) -> torch.Tensor:
         """``x``: ``[B, S_local, D]``. ``cu_seqlens``: the original global boundaries of packed
         documents, with ``x`` sharded by :func:`ctxpar.shard_packed` (as for attention); a
-        chunk where a document starts restarts the fast weight. Inside a model converted by
-        :func:`convert` they come from the decoder layer's ``cu_seq_lens_q`` keyword."""
-        if cu_seqlens is None and self._document_tap is not None:
-            cu_seqlens = self._document_tap.value
+        chunk where a document starts restarts the fast weight. ``position_ids``
+        (``[..., S_local]``, optional): the positions ``x`` was sharded with, as
+        :func:`ctxpar.position_ids` or ``shard_packed`` give them; under CP they must fit
+        ``layout``, else ValueError on every rank (see :mod:`ctxpar.ttt.checks`: the layer
+        cannot otherwise see how ``x`` was sharded). Inside a model converted by
+        :func:`convert` both come from the decoder layer's ``cu_seq_lens_q`` and
+        ``position_ids`` keywords."""
+        tap = self._document_tap
+        if cu_seqlens is None and tap is not None:
+            cu_seqlens = tap.value
+        if position_ids is None and tap is not None:
+            position_ids = tap.positions
         if x.dim() != 3:
             raise ValueError(f"expected x of shape [batch, seq, hidden], got {tuple(x.shape)}")
-        source, error = self._checked_target_source(x, embeddings, cu_seqlens)
-        if error is not None:
-            raise error
+        source = self._checked_target_source(x, embeddings, cu_seqlens, position_ids)
         plan = self.plan(x.shape[1], cu_seqlens)
+        if x.shape[1] == 0:  # every rank (the check above) has no tokens: nothing to scan
+            return self.down_proj(self.activations(x))
         z = self.activations(x)
         v = self.targets(source)
         return TTTApply.apply(z, v, self.down_proj.weight, self.down_proj.bias, self.ttt_eta, plan)
@@ -210,46 +224,40 @@ class InPlaceTTTMLP(nn.Module):
         all-reduce of a ``[B, D, F]`` carry), ready for :meth:`step` on the tokens that
         follow, on any process."""
         topo = resolve(self.group)
-        source, error = self._checked_target_source(x, embeddings, None)
-        if error is not None:
-            raise error
+        source = self._checked_target_source(x, embeddings, None)
         self.plan(x.shape[1])  # checks that the shard is whole chunks
         acc = acc_dtype(self.down_proj.weight.dtype)
         z = self.activations(x)
         v = self.targets(source)
         c = self.config.chunk_size
-        if self.config.clip_tau is None:  # Σ_i V̂_iᵀ Z_i is one product over all rows
-            delta = torch.bmm(v.to(acc).transpose(1, 2), z.to(acc))
-        else:
-            delta = sum(chunk_delta(v[:, i:i + c].to(acc), z[:, i:i + c].to(acc), self.config.clip_tau)[0]
-                        for i in range(0, x.shape[1], c))
+        with without_autocast(x.device.type):  # the carry stays in acc, also under autocast
+            if self.config.clip_tau is None:  # Σ_i V̂_iᵀ Z_i is one product over all rows
+                delta = torch.bmm(v.to(acc).transpose(1, 2), z.to(acc))
+            else:
+                delta = sum(chunk_delta(v[:, i:i + c].to(acc), z[:, i:i + c].to(acc), self.config.clip_tau)[0]
+                            for i in range(0, x.shape[1], c))
         delta = delta.contiguous()
         for grp in (topo.ulysses, topo.ring):
             all_reduce(grp, delta)
         return TTTState(delta, x.new_zeros(x.shape[0], 0, x.shape[2]),
                         z.new_zeros(x.shape[0], 0, z.shape[2]), x.shape[1] * topo.size)
 
-    def _checked_target_source(self, x, embeddings, cu_seqlens):
-        """The target source, or the error to raise, after the cross-rank agreement check
-        (``check_args``): different shard shapes or options on two ranks would give them
-        different plans, so wrong carries or a hung collective; they fail on every rank
-        instead (ValueError naming the ranks). A bad ``embeddings`` argument is one of the
-        checked fields, so a rank never raises it alone while its peers wait."""
+    def _checked_target_source(self, x, embeddings, cu_seqlens, position_ids=None):
+        """The target source, after the cross-rank agreement check (``check_args``,
+        :func:`~ctxpar.ttt.checks.check_agreement`): different shard shapes or options on two
+        ranks would give them different plans, so wrong carries or a hung collective; they
+        fail on every rank instead (ValueError naming the ranks). A bad ``embeddings``
+        argument and position ids that do not fit the layout are checked fields, so a rank
+        never raises them alone while its peers wait."""
+        topo = resolve(self.group)
         try:
             source, error = self._target_source(x, embeddings), None
         except ValueError as e:
             source, error = None, e
-        if self.config.check_args:
-            c = self.config
-            options = f"{c.layout} {c.scan_algorithm} {c.clip_tau!r} {c.target} {c.conv_kernel}"
-            fields = {"batch": x.shape[0], "S_local": x.shape[1], "hidden": x.shape[2],
-                      "dtype": dtype_code(x.dtype), "chunk_size": c.chunk_size,
-                      "options (layout, scan, clip, target, conv)": text_code(options),
-                      "target source ok": int(error is None),
-                      "cu_seqlens checksum": cu_checksum(cu_seqlens)}
-            check_agree_on(resolve(self.group), fields, "InPlaceTTTMLP inputs", device=x.device,
-                           shown=("batch", "S_local", "hidden", "chunk_size"))
-        return source, error
+        local = {"target source": error,
+                 "position_ids": positions_error(self.config, topo, x.shape[1], cu_seqlens, position_ids)}
+        check_agreement(self.config, topo, x, self.ttt_eta, cu_seqlens, local)
+        return source
 
     def step(self, x: torch.Tensor, state: TTTState | None = None, *, embeddings=None):
         """Streaming prefill/decode: ``x`` ``[B, n, D]`` (a prompt or one token, the full
@@ -274,18 +282,20 @@ class InPlaceTTTMLP(nn.Module):
         while pos < x.shape[1]:
             take = min(c - state.t_buf.shape[1], x.shape[1] - pos)
             z_r = z_all[:, pos:pos + take]
-            if acc != z_r.dtype:
-                base = F.linear(z_r, w0, self.down_proj.bias).to(acc)
-                o = base + torch.bmm(z_r.to(acc), (eta * state.delta).transpose(1, 2))
-            else:
-                o = F.linear(z_r, w0, self.down_proj.bias) + torch.bmm(z_r, (eta * state.delta).transpose(1, 2))
-            outs.append(o.to(x.dtype))
+            # The W_0 matmul as the MLP's (also under autocast); the fast weight in acc.
+            base = F.linear(z_r, w0, self.down_proj.bias).to(acc)
+            with without_autocast(x.device.type):
+                outs.append((base + torch.bmm(z_r.to(acc), (eta * state.delta).transpose(1, 2))).to(z_r.dtype))
             t_buf = torch.cat([state.t_buf, t_all[:, pos:pos + take]], 1)
             z_buf = torch.cat([state.z_buf, z_r], 1)
             delta = state.delta
             if t_buf.shape[1] == c:  # the chunk is complete: fold its delta in
-                dw, _ = chunk_delta(self.targets(t_buf).to(acc), z_buf.to(acc), self.config.clip_tau)
+                v_buf = self.targets(t_buf)
+                with without_autocast(x.device.type):
+                    dw, _ = chunk_delta(v_buf.to(acc), z_buf.to(acc), self.config.clip_tau)
                 delta, t_buf, z_buf = delta + dw, t_buf[:, :0], z_buf[:, :0]
             state = TTTState(delta, t_buf, z_buf, state.position + take)
             pos += take
+        if not outs:  # no tokens: nothing to apply, the state as it was
+            return z_all.new_zeros(bsz, 0, d), state
         return torch.cat(outs, 1), state

@@ -36,17 +36,28 @@ this rank's share; sum them over the CP group like any replicated parameter's.
 Precision: accumulators, carries and the scan run in float32 (float64 for float64 input);
 for bf16/fp16 input the W_0 matmul stays in the input dtype (so the layer is bit-exact with
 the wrapped MLP at init) and the fast-weight correction is added in float32.
+
+Autocast: the Function's internals pick their own dtypes (fp32 accumulators written in place,
+the W_0 matmul in the compute dtype), so they run with autocast *disabled*, in forward and
+backward. Under an enabled autocast, forward first casts z and v to the autocast dtype (what
+autocast hands any matmul; float64 stays, as autocast leaves it) and W_0 follows z, so at
+init the output equals the wrapped MLP under the same autocast bit for bit. This is
+``torch.amp.custom_fwd(cast_inputs=...)`` and ``custom_bwd`` done at run time: those
+decorators fix the device type and the cast dtype when the class is defined, while this
+layer runs on any device under any autocast dtype.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 
 from ctxpar.numerics import acc_dtype
-from ctxpar.scan import start_scan
+from ctxpar.scan import PendingScan, start_scan
 from ctxpar.ttt.plan import Plan
 
-__all__ = ["TTTApply", "chunk_delta"]
+__all__ = ["TTTApply", "autocast_dtype", "chunk_delta", "without_autocast"]
 
 
 def _clip_scale(dw: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,164 +102,241 @@ def _matmul_t(x, w):
     return torch.bmm(x, w.transpose(1, 2))
 
 
+def without_autocast(device_type: str):
+    """A context with autocast off on ``device_type`` (see the module docstring)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype an enabled autocast gives matmuls on ``device_type``, else None."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _scan(summaries: torch.Tensor, plan: Plan, reverse: bool = False) -> PendingScan | None:
+    """The exclusive scan of this rank's block summaries ``[m, B, D, F]`` over the plan's
+    element order, with its document resets; None when the sequence is one block."""
+    if plan.n_elems <= 1:
+        return None
+    return start_scan(summaries, None, grp=plan.grp, layout=plan.layout, held=plan.held,
+                      algorithm=plan.algorithm, reverse=reverse, reset=plan.resets(summaries.device))
+
+
+def _carried(plan: Plan) -> list[tuple[int, int, int]]:
+    """``(j, row0, rc)`` for every block j whose rows ``[row0, rc)`` (those before its first
+    reset) receive the carry from earlier blocks."""
+    out = []
+    for j, blk in enumerate(plan.blocks):
+        rc = blk.row0 + plan.chunk * blk.first_reset
+        if blk.elem != 0 and rc > blk.row0:
+            out.append((j, blk.row0, rc))
+    return out
+
+
 class TTTApply(torch.autograd.Function):
-    """``TTTApply.apply(z, v, w0, bias, eta, plan) -> O [B, S, D]`` (dtype of z)."""
+    """``TTTApply.apply(z, v, w0, bias, eta, plan) -> O [B, S, D]`` (dtype of z; under
+    autocast, the autocast dtype)."""
 
     @staticmethod
     def forward(ctx, z, v, w0, bias, eta, plan: Plan):
-        acc = acc_dtype(z.dtype)
-        low = acc != z.dtype  # bf16/fp16: keep the base matmul in the input dtype (exact at init)
-        bsz, _, nf = z.shape
-        nd, c = v.shape[-1], plan.chunk
-        eta_a = eta.detach().to(acc)
-        w0a = w0.detach().to(acc)
-        m = len(plan.blocks)
-
-        # 1. Block summaries for the forward scan, started first so that the gather overlaps
-        # the chunk loop. The globally last block's summary is never consumed: skip it.
-        # Without overlap the loop's own accumulator gives the summary at no extra flops,
-        # and the gather runs between the loop and the final matmul.
-        summ = torch.zeros(m, bsz, nd, nf, dtype=acc, device=z.device)
-        needs_summary = [blk.elem != plan.n_elems - 1 for blk in plan.blocks]
-        for j, blk in enumerate(plan.blocks):
-            if not needs_summary[j] or not plan.overlap:
-                continue
-            lo, hi = blk.row0 + c * blk.last_reset, blk.row0 + blk.rows
-            if plan.clip is None:
-                torch.bmm(v[:, lo:hi].to(acc).transpose(1, 2), z[:, lo:hi].to(acc), out=summ[j])
-            else:
-                for s in range(lo, hi, c):
-                    summ[j] += chunk_delta(v[:, s:s + c].to(acc), z[:, s:s + c].to(acc), plan.clip)[0]
-        keep = plan.keep(z.device, acc)
-        pending = None
-        if plan.n_elems > 1 and plan.overlap:
-            pending = start_scan(summ, keep, grp=plan.grp, layout=plan.layout, held=plan.held,
-                                 algorithm=plan.algorithm)
-
-        # 2. Local chunk work: Y_i = Z_i E_iᵀ with a running accumulator E.
-        y = torch.zeros(bsz, z.shape[1], nd, dtype=acc, device=z.device)
-        for j, blk in enumerate(plan.blocks):
-            e, last = None, len(blk.flags) - 1
-            if not plan.overlap and needs_summary[j]:
-                last += 1  # the last delta completes this block's summary
-            for i, flag in enumerate(blk.flags):
-                s = blk.row0 + i * c
-                if flag:
-                    e = None
-                z_i = z[:, s:s + c].to(acc)
-                if e is not None:
-                    _bmm_into(y[:, s:s + c], z_i, e.transpose(1, 2))
-                if i < last:  # else the block's last delta only feeds the summary
-                    dw, _ = chunk_delta(v[:, s:s + c].to(acc), z_i, plan.clip)
-                    e = dw if e is None else e.add_(dw)
-            if last == len(blk.flags) and e is not None:
-                summ[j].copy_(e)
-        if plan.n_elems > 1 and not plan.overlap:
-            pending = start_scan(summ, keep, grp=plan.grp, layout=plan.layout, held=plan.held,
-                                 algorithm=plan.algorithm)
-
-        # 3. The carry enters one final matmul per block.
-        carry = pending.wait() if pending is not None else torch.zeros_like(summ)
-        out = torch.empty(bsz, z.shape[1], nd, dtype=acc, device=z.device)
-        for j, blk in enumerate(plan.blocks):
-            r0, r1, rc = blk.row0, blk.row0 + blk.rows, blk.row0 + c * blk.first_reset
-            has_carry = blk.elem != 0 and rc > r0
-            parts = [(r0, rc, True), (rc, r1, False)] if has_carry else [(r0, r1, False)]
-            for lo, hi, with_p in parts:
-                if hi <= lo:
-                    continue
-                z_r = z[:, lo:hi]
-                if low:
-                    base = F.linear(z_r, w0, bias).to(acc)
-                    if with_p:
-                        base += _matmul_t(z_r.to(acc), eta_a * carry[j])
-                else:
-                    w = w0a + eta_a * carry[j] if with_p else w0a
-                    base = F.linear(z_r, w, bias) if w.dim() == 2 else _matmul_t(z_r, w)
-                    if w.dim() == 3 and bias is not None:
-                        base += bias.to(acc)
-                out[:, lo:hi] = base
-        out.add_(eta_a * y)
-
-        ctx.plan, ctx.low = plan, low
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(z, v, w0, eta, y if ctx.needs_input_grad[4] else None,
-                              carry)
-        return out.to(z.dtype)
+        ctx.in_dtypes = (z.dtype, v.dtype)
+        cast = autocast_dtype(z.device.type)
+        with without_autocast(z.device.type):
+            if cast is not None:  # as autocast's own casts: float64 stays float64
+                z, v = (t if t.dtype == torch.float64 else t.to(cast) for t in (z, v))
+            out, y, carry = _forward(z, v, w0, bias, eta, plan)
+        ctx.plan, ctx.has_bias = plan, bias is not None
+        ctx.save_for_backward(z, v, w0, eta, y if ctx.needs_input_grad[4] else None, carry)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         z, v, w0, eta, y, carry = ctx.saved_tensors
         plan: Plan = ctx.plan
-        acc = carry.dtype
-        c, m = plan.chunk, len(plan.blocks)
-        bsz, _, nf = z.shape
-        nd = v.shape[-1]
-        g = grad_out.to(acc)
-        eta_a = eta.detach().to(acc)
-        w0a = w0.detach().to(acc)
+        with without_autocast(z.device.type):
+            g = grad_out.to(carry.dtype)
+            dz, dv, dw0, rsum = _backward(g, z, v, w0, eta, carry, plan)
+            d_eta = None
+            if ctx.needs_input_grad[4]:
+                # The carry term counts only where the carry entered: elsewhere P may hold
+                # another (possibly non-finite) document while A is zero.
+                carried = sum((carry[j] * rsum[j]).sum() for j, _, _ in _carried(plan))
+                d_eta = ((g * y).sum() + carried).to(eta.dtype).reshape(eta.shape)
+            d_bias = g.sum((0, 1)).to(w0.dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return dz.to(ctx.in_dtypes[0]), dv.to(ctx.in_dtypes[1]), dw0.to(w0.dtype), d_bias, d_eta, None
 
-        # 1. Reverse summaries A over the rows that received the carry (before the first
-        # reset); the globally first block's is never consumed. Their reverse scan overlaps
-        # pass 1.
-        rsum = torch.zeros(m, bsz, nd, nf, dtype=acc, device=z.device)
-        for j, blk in enumerate(plan.blocks):
-            rc = blk.row0 + c * blk.first_reset
-            if blk.elem != 0 and rc > blk.row0:
-                torch.bmm(g[:, blk.row0:rc].transpose(1, 2), z[:, blk.row0:rc].to(acc), out=rsum[j])
-        pending = None
-        if plan.n_elems > 1:
-            pending = start_scan(rsum, plan.keep(z.device, acc), grp=plan.grp,
-                                 layout=plan.layout, held=plan.held, algorithm=plan.algorithm, reverse=True)
 
-        # 2. Pass 1 (chunk order): ∂Z_i = G_i (W_0 + η(P + E_i)), E_i recomputed.
-        dz = torch.empty(bsz, z.shape[1], nf, dtype=acc, device=z.device)
-        for j, blk in enumerate(plan.blocks):
-            e, last = None, len(blk.flags) - 1
-            with_p = blk.elem != 0
-            for i, flag in enumerate(blk.flags):
-                s = blk.row0 + i * c
-                if flag:
-                    e, with_p = None, False
-                w = w0a + eta_a * carry[j] if with_p else w0a
-                if e is not None:
-                    w = w + eta_a * e
-                _matmul_into(dz[:, s:s + c], g[:, s:s + c], w)
-                if i < last:
-                    z_i = z[:, s:s + c].to(acc)
-                    dw, _ = chunk_delta(v[:, s:s + c].to(acc), z_i, plan.clip)
-                    e = dw if e is None else e.add_(dw)
+# ------------------------------------------------------------------------------ forward
 
-        # 3. Pass 2 (reverse chunk order): U starts from the cross-block carry Q.
-        q = pending.wait() if pending is not None else torch.zeros_like(rsum)
-        dv = torch.zeros(bsz, z.shape[1], nd, dtype=acc, device=z.device)
-        a_sum = torch.zeros(bsz, nd, nf, dtype=acc, device=z.device)
-        for j in range(m - 1, -1, -1):
-            blk = plan.blocks[j]
-            u = q[j].clone() if blk.elem != plan.n_elems - 1 else None
-            for i in range(len(blk.flags) - 1, -1, -1):
-                s = blk.row0 + i * c
-                z_i, g_i = z[:, s:s + c].to(acc), g[:, s:s + c]
-                if u is not None:
-                    mi = eta_a * u
-                    if plan.clip is not None:
-                        mi = _clip_adjoint(mi, v[:, s:s + c].to(acc), z_i, plan.clip)
-                    dz[:, s:s + c].baddbmm_(v[:, s:s + c].to(acc), mi)
-                    _bmm_into(dv[:, s:s + c], z_i, mi.transpose(1, 2))
-                a_i = torch.bmm(g_i.transpose(1, 2), z_i)
-                a_sum += a_i
-                if blk.flags[i]:
-                    u = None
-                else:
-                    u = a_i if u is None else u.add_(a_i)
 
-        d_eta = None
-        if ctx.needs_input_grad[4]:
-            d_eta = (g * y).sum() + (carry * rsum).sum()
-            d_eta = d_eta.to(eta.dtype).reshape(eta.shape)
-        d_bias = g.sum((0, 1)).to(w0.dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return (dz.to(z.dtype), dv.to(v.dtype), a_sum.sum(0).to(w0.dtype), d_bias, d_eta, None)
+def _forward(z, v, w0, bias, eta, plan: Plan):
+    """``(O in z's dtype, Y [B, S, D], carries P [m, B, D, F])``; Y and P in the carry dtype."""
+    acc = acc_dtype(z.dtype)
+    # The globally last block's summary is never consumed: skip it.
+    needs = [blk.elem != plan.n_elems - 1 for blk in plan.blocks]
+    bsz, _, nf = z.shape
+    summ = torch.zeros(len(plan.blocks), bsz, v.shape[-1], nf, dtype=acc, device=z.device)
+    # 1. Summaries first, so that the scan's gather overlaps the chunk loop (overlap=True);
+    # without overlap the loop's own accumulator gives them at no extra flops, and the
+    # gather runs between the loop and the final matmul.
+    pending = None
+    if plan.overlap:
+        _block_summaries(summ, z, v, plan, needs)
+        pending = _scan(summ, plan)
+    y = _local_prefix(summ, z, v, plan, needs)
+    if not plan.overlap:
+        pending = _scan(summ, plan)
+    carry = pending.wait() if pending is not None else torch.zeros_like(summ)
+    eta_a = eta.detach().to(acc)
+    out = _apply(z, w0, bias, eta_a, carry, plan)
+    return out.add_(eta_a * y).to(z.dtype), y, carry
+
+
+def _block_summaries(summ, z, v, plan: Plan, needs) -> None:
+    """``summ[j]`` = Σ ΔW over block j's chunks from its last reset on (its state at its
+    end), for the blocks in ``needs``."""
+    c, acc = plan.chunk, summ.dtype
+    for j, blk in enumerate(plan.blocks):
+        if not needs[j]:
+            continue
+        lo, hi = blk.row0 + c * blk.last_reset, blk.row0 + blk.rows
+        if plan.clip is None:
+            torch.bmm(v[:, lo:hi].to(acc).transpose(1, 2), z[:, lo:hi].to(acc), out=summ[j])
+        else:
+            for s in range(lo, hi, c):
+                summ[j] += chunk_delta(v[:, s:s + c].to(acc), z[:, s:s + c].to(acc), plan.clip)[0]
+
+
+def _local_prefix(summ, z, v, plan: Plan, needs) -> torch.Tensor:
+    """Y_i = Z_i E_iᵀ ``[B, S, D]`` with one running accumulator E per block (None after a
+    reset: the restart is a selection). Without overlap the blocks in ``needs`` also write
+    their final accumulator into ``summ``."""
+    c, acc = plan.chunk, summ.dtype
+    y = torch.zeros(*z.shape[:2], v.shape[-1], dtype=acc, device=z.device)
+    for j, blk in enumerate(plan.blocks):
+        e, last = None, len(blk.flags) - 1
+        if not plan.overlap and needs[j]:
+            last += 1  # the last delta completes this block's summary
+        for i, flag in enumerate(blk.flags):
+            s = blk.row0 + i * c
+            if flag:
+                e = None
+            z_i = z[:, s:s + c].to(acc)
+            if e is not None:
+                _bmm_into(y[:, s:s + c], z_i, e.transpose(1, 2))
+            if i < last:  # else the block's last delta only feeds the summary
+                dw, _ = chunk_delta(v[:, s:s + c].to(acc), z_i, plan.clip)
+                e = dw if e is None else e.add_(dw)
+        if last == len(blk.flags) and e is not None:
+            summ[j].copy_(e)
+    return y
+
+
+def _apply(z, w0, bias, eta_a, carry, plan: Plan) -> torch.Tensor:
+    """Z (W_0 + η P)ᵀ (+ bias) ``[B, S, D]`` in the carry dtype: the carry enters one final
+    matmul per block, on its rows before the first reset only. For bf16/fp16 z the W_0
+    matmul runs in z's dtype (W_0 and the bias cast to it: exact at init, also under
+    autocast) and the carry term is added in float32."""
+    acc = eta_a.dtype
+    low = acc != z.dtype
+    w0c = w0.detach().to(z.dtype if low else acc)
+    bias = None if bias is None else bias.detach().to(w0c.dtype)
+    out = torch.empty(*z.shape[:2], w0.shape[0], dtype=acc, device=z.device)
+    carried = {j: rc for j, _, rc in _carried(plan)}
+    for j, blk in enumerate(plan.blocks):
+        r0, r1, rc = blk.row0, blk.row0 + blk.rows, carried.get(j, blk.row0)
+        for lo, hi, with_p in ((r0, rc, True), (rc, r1, False)):
+            if hi <= lo:
+                continue
+            z_r = z[:, lo:hi]
+            if low:
+                base = F.linear(z_r, w0c, bias).to(acc)
+                if with_p:
+                    base += _matmul_t(z_r.to(acc), eta_a * carry[j])
+            else:
+                w = w0c + eta_a * carry[j] if with_p else w0c
+                base = F.linear(z_r, w, bias) if w.dim() == 2 else _matmul_t(z_r, w)
+                if w.dim() == 3 and bias is not None:
+                    base += bias
+            out[:, lo:hi] = base
+    return out
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _backward(g, z, v, w0, eta, carry, plan: Plan):
+    """``(∂Z, ∂V̂, ∂W_0, reverse summaries A [m, B, D, F])`` in the carry dtype, for ``g`` =
+    ∂L/∂O in the carry dtype."""
+    acc = carry.dtype
+    eta_a = eta.detach().to(acc)
+    rsum = _reverse_summaries(g, z, plan)
+    pending = _scan(rsum, plan, reverse=True)  # in flight during pass 1
+    dz = _grad_pass_forward(g, z, v, w0.detach().to(acc), eta_a, carry, plan)
+    q = pending.wait() if pending is not None else torch.zeros_like(carry)
+    dv, a_sum = _grad_pass_reverse(dz, g, z, v, eta_a, q, plan)
+    return dz, dv, a_sum.sum(0), rsum
+
+
+def _reverse_summaries(g, z, plan: Plan) -> torch.Tensor:
+    """``[m, B, D, F]``: A = Σ G_iᵀ Z_i over the rows of each block that received the carry
+    (before its first reset); zero elsewhere (the globally first block's is never
+    consumed)."""
+    acc = g.dtype
+    rsum = torch.zeros(len(plan.blocks), g.shape[0], g.shape[-1], z.shape[-1], dtype=acc, device=z.device)
+    for j, r0, rc in _carried(plan):
+        torch.bmm(g[:, r0:rc].transpose(1, 2), z[:, r0:rc].to(acc), out=rsum[j])
+    return rsum
+
+
+def _grad_pass_forward(g, z, v, w0a, eta_a, carry, plan: Plan) -> torch.Tensor:
+    """Pass 1 (chunk order): ∂Z_i = G_i (W_0 + η(P + E_i)), E_i recomputed: ``[B, S, F]``."""
+    c, acc = plan.chunk, g.dtype
+    dz = torch.empty(*z.shape, dtype=acc, device=z.device)
+    for j, blk in enumerate(plan.blocks):
+        e, last = None, len(blk.flags) - 1
+        with_p = blk.elem != 0
+        for i, flag in enumerate(blk.flags):
+            s = blk.row0 + i * c
+            if flag:
+                e, with_p = None, False
+            w = w0a + eta_a * carry[j] if with_p else w0a
+            if e is not None:
+                w = w + eta_a * e
+            _matmul_into(dz[:, s:s + c], g[:, s:s + c], w)
+            if i < last:
+                dw, _ = chunk_delta(v[:, s:s + c].to(acc), z[:, s:s + c].to(acc), plan.clip)
+                e = dw if e is None else e.add_(dw)
+    return dz
+
+
+def _grad_pass_reverse(dz, g, z, v, eta_a, q, plan: Plan):
+    """Pass 2 (reverse chunk order): U starts from the cross-block carry Q and is dropped
+    at a reset (a selection). Adds V̂_i M_i to ``dz``; returns ``(∂V̂ [B, S, D], Σ_i A_i
+    [B, D, F])``."""
+    c, acc = plan.chunk, g.dtype
+    dv = torch.zeros(*z.shape[:2], v.shape[-1], dtype=acc, device=z.device)
+    a_sum = torch.zeros(z.shape[0], v.shape[-1], z.shape[-1], dtype=acc, device=z.device)
+    for j in range(len(plan.blocks) - 1, -1, -1):
+        blk = plan.blocks[j]
+        u = q[j].clone() if blk.elem != plan.n_elems - 1 else None
+        for i in range(len(blk.flags) - 1, -1, -1):
+            s = blk.row0 + i * c
+            z_i, v_i = z[:, s:s + c].to(acc), v[:, s:s + c].to(acc)
+            if u is not None:
+                mi = eta_a * u
+                if plan.clip is not None:
+                    mi = _clip_adjoint(mi, v_i, z_i, plan.clip)
+                dz[:, s:s + c].baddbmm_(v_i, mi)
+                _bmm_into(dv[:, s:s + c], z_i, mi.transpose(1, 2))
+            a_i = torch.bmm(g[:, s:s + c].transpose(1, 2), z_i)
+            a_sum += a_i
+            u = None if blk.flags[i] else (a_i if u is None else u.add_(a_i))
+    return dv, a_sum
 
 
 def _clip_adjoint(mi, v_i, z_i, tau):

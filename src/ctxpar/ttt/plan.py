@@ -56,12 +56,13 @@ class Plan:
         """Blocks of the whole sequence, over all ranks."""
         return sum(len(h) for h in self.held)
 
-    def keep(self, device, dtype) -> torch.Tensor | None:
-        """Per-block scan coefficient: 0 if the block contains a reset, else 1."""
+    def resets(self, device) -> torch.Tensor | None:
+        """Per-block scan reset flags, bool ``[m]``: True if a document starts in the block
+        (the state restarts there; the scan selects, so a non-finite earlier document never
+        reaches it). None without documents."""
         if not self.segmented:
             return None
-        vals = [0.0 if any(b.flags) else 1.0 for b in self.blocks]
-        return torch.tensor(vals, dtype=dtype, device=device).view(-1, 1, 1, 1)
+        return torch.tensor([any(b.flags) for b in self.blocks], dtype=torch.bool, device=device)
 
 
 def chunk_resets(cu_seqlens, seq_len: int, chunk: int, start: int, n_chunks: int) -> tuple[bool, ...]:
