@@ -115,10 +115,15 @@ def check_agree(grp: CPGroup, fields: dict[str, int], what: str, device=None, sh
     for j, name in enumerate(fields):
         col = table[:, j].tolist()
         if len(set(col)) > 1:
-            # Name the minority ranks: those whose value differs from the most common one.
-            common = max(set(col), key=col.count)
+            # Name the minority ranks: those whose value differs from the most common one;
+            # without a majority (e.g. 1 vs 1) those that differ from rank 0, and say so.
+            counts = sorted((col.count(x) for x in set(col)), reverse=True)
+            tie = counts[0] == counts[1]
+            common = col[0] if tie else max(set(col), key=col.count)
             odd = [r for r, x in enumerate(col) if x != common]
-            detail = f" (values by rank: {col})" if name in shown else ""
+            notes = (["no majority: the ranks that differ from rank 0"] if tie else []) + (
+                [f"values by rank: {col}"] if name in shown else [])
+            detail = f" ({'; '.join(notes)})" if notes else ""
             problems.append(f"{name} differs on rank(s) {odd}{detail}")
     raise ValueError(f"{what} must agree across the CP group: " + "; ".join(problems))
 

@@ -58,6 +58,8 @@ class Layout:
     #: Every segment has stride 1: a rank holds runs of consecutive tokens (whole chunks
     #: of In-Place TTT, elements of :mod:`ctxpar.scan`).
     consecutive_runs: bool = True
+    #: Segments a rank holds on a 1-D group (the scan's elements per rank).
+    segments_per_rank: int = 1
 
     def granularity(self, world: int) -> int:
         """The global length must be a multiple of this."""
@@ -95,6 +97,7 @@ class Contiguous(Layout):
 class Zigzag(Layout):
     name = "zigzag"
     balances_documents = True
+    segments_per_rank = 2
 
     def granularity(self, world):
         return 2 * world

@@ -104,8 +104,9 @@ def build_plan(cfg, topo: CPTopology, local_len: int, cu_seqlens=None) -> Plan:
             f"chunk_size={c} does not divide the shard: layout={cfg.layout!r} on {where} gives "
             f"{who} {local_len} tokens in runs (start, length) {list(runs[q])}, which "
             "must start and end on chunk boundaries" + (
-                f" (packed zigzag: every document must pad to a multiple of 2 x {topo.size} x "
-                f"{c} tokens)" if cu_seqlens is not None and cfg.layout == "zigzag" else ""))
+                f" (packed {cfg.layout}: every document must pad to a multiple of "
+                f"{get_layout(cfg.layout).granularity(topo.size)} x {c} tokens)"
+                if cu_seqlens is not None and get_layout(cfg.layout).balances_documents else ""))
     resets = None if cu_seqlens is None else tuple(starts) + (seq_len,)
     blocks, row = [], 0
     for (start, n), elem in zip(runs[topo.rank], held[topo.rank]):
