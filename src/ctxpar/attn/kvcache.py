@@ -29,7 +29,8 @@ from ctxpar.dist.topology import CPTopology
 from ctxpar.sequence.layouts import get_layout
 from ctxpar.sequence.spec import ShardSpec
 
-__all__ = ["KVShard", "decode_owner", "prefill_slots", "visibility", "group_signature"]
+__all__ = ["KVShard", "decode_owner", "prefill_slots", "prefill_holder", "visibility",
+           "group_signature", "check_setup"]
 
 
 def decode_owner(slot: int, topo: CPTopology) -> int:
@@ -45,10 +46,31 @@ def prefill_slots(layout: str, topo: CPTopology, new_len: int, offset: int,
     return spec.positions(topo.rank, device) + offset
 
 
+def prefill_holder(layout: str, topo: CPTopology, new_len: int, index: int) -> tuple[int, int]:
+    """``(CP rank, local index)`` of the ``index``-th of ``new_len`` prefill tokens."""
+    spec = ShardSpec(get_layout(layout), topo.ring.size, topo.ulysses.size, new_len)
+    for rank in range(topo.size):
+        hits = (spec.positions(rank) == index).nonzero()
+        if hits.numel():
+            return rank, int(hits[0, 0])
+    raise ValueError(f"token {index} is not among the {new_len} prefill tokens")
+
+
 def group_signature(topo: CPTopology) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The global ranks of the topology's ring and Ulysses groups (names a CP group)."""
     return (tuple(topo.ring.global_rank(i) for i in range(topo.ring.size)),
             tuple(topo.ulysses.global_rank(i) for i in range(topo.ulysses.size)))
+
+
+def check_setup(group: tuple, layout_name: str, topo: CPTopology, layout: str) -> None:
+    """Raise ValueError, naming both, unless a cache made on ``group`` (a
+    :func:`group_signature`) with ``layout_name`` is used on ``topo`` with ``layout``."""
+    layout = get_layout(layout).name
+    here = group_signature(topo)
+    if layout_name != layout or group != here:
+        raise ValueError(
+            f"this KV cache was made for CP group {group} with layout={layout_name!r}; it "
+            f"cannot be used on CP group {here} with layout={layout!r}")
 
 
 def visibility(q_slots: torch.Tensor, k_slots: torch.Tensor, k_valid: torch.Tensor, *,
@@ -105,12 +127,7 @@ class KVShard:
 
     def check_belongs(self, topo: CPTopology, layout: str) -> None:
         """Refuse a shard of another CP group or layout, naming both."""
-        layout = get_layout(layout).name
-        group = group_signature(topo)
-        if self.layout != layout or self.group != group:
-            raise ValueError(
-                f"this KV cache was filled on CP group {self.group} with layout={self.layout!r}; "
-                f"it cannot be used on CP group {group} with layout={layout!r}")
+        check_setup(self.group, self.layout, topo, layout)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
                valid: torch.Tensor, added: tuple[int, ...]) -> None:
