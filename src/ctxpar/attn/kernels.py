@@ -128,7 +128,8 @@ def saved_block_state(ctx, dout: torch.Tensor):
 def block_forward(q, k, v, *, band: Band, scale: float, backend: str = "auto",
                   mask: torch.Tensor | None = None):
     """Attention of ``q`` against ``k``/``v`` under ``band`` (and the boolean ``[Sq, Sk]``
-    ``mask`` when given, e.g. same-document); returns ``(out, lse)``."""
+    ``mask`` when given, e.g. same-document, or a per-row ``[B, Sq, Sk]`` one, e.g. padded
+    keys; forward only); returns ``(out, lse)``."""
     backend = pick_backend(q, backend, keys=k.shape[1])
     b, lq, hq, d = q.shape
     lk = k.shape[1]
@@ -168,7 +169,10 @@ def _fused_or_math_forward(q, k, v, vis, is_causal, scale, backend):
         return kernels_cuda.flash_forward(q, k, v, is_causal, scale)
     qt, kt, vt = _bhsd(q), _expand_heads(_bhsd(k), hq), _expand_heads(_bhsd(v), hq)
     mask = None if vis is None else _additive(vis, q.dtype)
-    has_key = None if vis is None else vis.any(1)
+    if mask is not None and mask.dim() == 3:  # per-row mask [B, Sq, Sk] -> [B, 1, Sq, Sk]
+        mask = mask[:, None]
+    # [Sq] for a shared mask, [B, 1, Sq] for a per-row one: broadcasts against lse [B, H, Sq].
+    has_key = None if vis is None else (vis.any(-1) if vis.dim() == 2 else vis.any(-1)[:, None])
     if backend == "cpu_flash":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qt, kt, vt, 0.0, is_causal, attn_mask=mask, scale=scale)
@@ -181,7 +185,7 @@ def _fused_or_math_forward(q, k, v, vis, is_causal, scale, backend):
         # Fused kernels report lse = 0 for rows whose keys are all masked; make them -inf
         # so the merge gives them zero weight.
         lse = lse.masked_fill(~has_key, _NEG_INF)
-        out = out.masked_fill(~has_key[:, None], 0.0)
+        out = out.masked_fill(~has_key[..., None], 0.0)
     return out.transpose(1, 2), lse
 
 
@@ -197,8 +201,8 @@ def _math_forward(q, k, v, vis, scale):
     cdt = acc_dtype(q.dtype)
     b, lq, hq, d = q.shape
     s = _scores(q, k, scale, cdt)
-    if vis is not None:
-        s = s.masked_fill(~vis, _NEG_INF)
+    if vis is not None:  # [Sq, Sk], or per row [B, Sq, Sk] against s [B, Hkv, G, Sq, Sk]
+        s = s.masked_fill(~(vis if vis.dim() == 2 else vis[:, None, None]), _NEG_INF)
     lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, G, Sq]; -inf for rows with no key
     p = torch.exp(s - lse.masked_fill(lse == _NEG_INF, 0.0)[..., None])
     out = torch.einsum("bhgqk,bkhd->bqhgd", p, v.to(cdt)).reshape(b, lq, hq, v.shape[-1])

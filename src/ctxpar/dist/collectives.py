@@ -15,7 +15,7 @@ from ctxpar.dist.topology import CPGroup
 from ctxpar.observe.counters import record_comm
 
 __all__ = ["PendingExchange", "exchange", "all_to_all", "all_gather", "reduce_scatter",
-           "all_reduce", "all_to_all_single"]
+           "all_reduce", "all_to_all_single", "broadcast"]
 
 
 # torch 2.13 renamed the tensor collectives (*_single); older releases have only the old names.
@@ -142,3 +142,14 @@ def all_to_all_single(grp: CPGroup, t: torch.Tensor) -> torch.Tensor:
     per = _nbytes(t[0])
     record_comm("all_to_all", per * (grp.size - 1), per * (grp.size - 1))
     return out
+
+
+def broadcast(grp: CPGroup, t: torch.Tensor, src: int) -> torch.Tensor:
+    """In-place broadcast of ``t`` from group rank ``src`` to every rank; returns ``t``."""
+    if grp.size == 1:
+        return t
+    dist.broadcast(t, grp.global_rank(src), group=grp.pg)
+    n = _nbytes(t)
+    record_comm("broadcast", n * (grp.size - 1) if grp.rank == src else 0,
+                0 if grp.rank == src else n)
+    return t

@@ -40,8 +40,11 @@ Use in a training loop (every rank, after ``torch.distributed.init_process_group
     allreduce_gradients(model, group=cp_group)   # sum over CP (and DP): exact
     optimizer.step()
 
-Limitations: training / full-sequence forward only (no KV cache / generation under CP);
-no attention dropout; padding must be on the right (pads are dropped from the loss
+Generation: :func:`generate` (every rank, same arguments) runs ``model.generate`` with a KV
+cache sharded over the CP group (:mod:`ctxpar.integrations.generation`); the registered
+attention function knows a generation call from the cache it is handed.
+
+Limitations (training): no attention dropout; padding must be on the right (pads are dropped from the loss
 through the labels, and causal attention keeps real tokens from seeing them); no
 ``softcap`` or ``position_bias``. Sliding-window layers (Qwen2/Qwen3 ``sliding_window``)
 map to ctxpar's ``window=(sliding_window - 1, 0)``.
@@ -61,7 +64,7 @@ from ctxpar.sequence.sharding import position_ids as cp_position_ids, shard
 from ctxpar.sequence.spec import cp_multiple, parse_cu_seqlens
 
 __all__ = ["register", "make_attention_function", "refuse_padding_mask", "shard_batch", "CPBatch",
-           "DEFAULT_NAME"]
+           "DEFAULT_NAME", "generate"]
 
 DEFAULT_NAME = "ctxpar"
 
@@ -88,6 +91,10 @@ def make_attention_function(*, group=None, method: str = "ring", layout: str = "
                                  attention_mask: torch.Tensor | None,
                                  scaling: float | None = None, dropout: float = 0.0,
                                  **kwargs: Any):
+        cache = kwargs.pop("ctxpar_cache", None)
+        if cache is not None:  # generation: prefill or decode against the sharded cache
+            return _generation_attention(cache, module, query, scaling, kwargs, group, layout,
+                                         backend), None
         if attention_mask is not None:
             raise ValueError(
                 "ctxpar attention masks by global position and takes no attention_mask; "
@@ -99,10 +106,7 @@ def make_attention_function(*, group=None, method: str = "ring", layout: str = "
         for unsupported in ("softcap", "position_bias", "s_aux"):
             if kwargs.get(unsupported) is not None:
                 raise NotImplementedError(f"ctxpar attention does not support {unsupported!r}")
-        causal = kwargs.get("is_causal")
-        causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
-        sw = kwargs.get("sliding_window")
-        window = (int(sw) - 1, 0) if sw else (-1, -1)
+        causal, window = _causal_window(module, kwargs)
         extra = {}
         cu = kwargs.get("cu_seq_lens_q")
         if cu is not None:
@@ -118,6 +122,36 @@ def make_attention_function(*, group=None, method: str = "ring", layout: str = "
     ctxpar_attention_forward.ctxpar_setup = dict(group=group, method=method, layout=layout,
                                                  backend=backend)
     return ctxpar_attention_forward
+
+
+def _causal_window(module: torch.nn.Module, kwargs: dict) -> tuple[bool, tuple[int, int]]:
+    """Causality (``module.is_causal`` or an ``is_causal`` kwarg) and the ctxpar window of
+    an HF ``sliding_window`` (``(sliding_window - 1, 0)``)."""
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
+    sw = kwargs.get("sliding_window")
+    return causal, ((int(sw) - 1, 0) if sw else (-1, -1))
+
+
+def _generation_attention(cache, module, query, scaling, kwargs, group, layout: str,
+                          backend: str) -> torch.Tensor:
+    """Attention during :func:`generate`: the cache must belong to this function's group
+    and layout."""
+    from ctxpar.integrations.generation import cached_attention
+
+    cache.check_belongs(resolve(group), layout)
+    causal, window = _causal_window(module, kwargs)
+    return cached_attention(cache, module, query, scaling=scaling, causal=causal, window=window,
+                            backend=backend)
+
+
+def generate(model, input_ids: torch.Tensor, **kwargs: Any):
+    """Hugging Face ``generate()`` under CP; see
+    :func:`ctxpar.integrations.generation.generate` (same arguments: ``group``,
+    ``method``, ``layout``, ``attention_mask``, ``**generate_kwargs``)."""
+    from ctxpar.integrations.generation import generate as _generate
+
+    return _generate(model, input_ids, **kwargs)
 
 
 def _check_position_ids(position_ids, s_local: int, group, layout: str) -> None:

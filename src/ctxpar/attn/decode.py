@@ -1,0 +1,184 @@
+"""Attention of new tokens against a KV cache sharded over the CP group
+(:mod:`ctxpar.attn.kvcache`): decode over shards, and pass-KV / pass-Q prefill
+(arXiv 2411.01783).
+
+Every path computes *partials*: the ``(out, lse)`` of some queries against one rank's shard
+(:func:`shard_partial`; masks from global slots, a rank with no visible key gives
+``out = 0, lse = -inf``), merged exactly with the LSE rule (:mod:`ctxpar.attn.merge`).
+
+- :func:`decode_attention`: the queries (a few decode tokens) are the same on every rank;
+  each rank computes its partial and one all-gather per level of the topology of
+  ``[out, lse]`` (``B * Sq * Hq * (D + 1)`` values) merges them: bytes per step do not
+  depend on the context length.
+- :func:`pass_kv`: every rank's shard (cached and new tokens) travels round the ring; each
+  rank merges its new queries' partials against every shard.
+- :func:`pass_q`: the new queries travel round the ring, each rank computes the partial of
+  every visiting block against its own shard, and one all-to-all returns the partials to
+  the queries' owners.
+- :func:`choose_prefill`: the rule of ``method="auto"``.
+
+Both prefills expect the new tokens already appended to the shards (``KVShard.append_prefill``)
+and a 1-D CP group. Shapes: ``q``/``out`` ``[B, Sq, Hq, D]``, ``lse`` ``[B, Hq, Sq]`` (fp32;
+fp64 for fp64), ``q_slots`` ``[Sq]``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ctxpar.attn.kernels import block_forward
+from ctxpar.attn.kvcache import KVShard, visibility
+from ctxpar.attn.merge import merge_into
+from ctxpar.attn.options import AttnOptions
+from ctxpar.attn.tiles import FULL
+from ctxpar.dist import collectives as comms
+from ctxpar.dist.topology import CPGroup, CPTopology
+from ctxpar.numerics import acc_dtype
+
+__all__ = ["shard_partial", "merge_partials", "decode_attention", "pass_kv", "pass_q",
+           "choose_prefill", "prefill_attention", "PREFILL_METHODS"]
+
+PREFILL_METHODS = ("pass-kv", "pass-q", "auto")
+_NEG_INF = float("-inf")
+
+
+def shard_partial(q: torch.Tensor, q_slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  k_slots: torch.Tensor, k_valid: torch.Tensor, opts: AttnOptions):
+    """``(out, lse)`` of ``q`` against one shard's keys ``[B, Sk, Hkv, D]`` (``out`` in the
+    accumulation dtype); rows that see no key: ``out = 0``, ``lse = -inf``."""
+    b, sq, hq, _ = q.shape
+    cdt = acc_dtype(q.dtype)
+    vis = visibility(q_slots, k_slots, k_valid, causal=opts.causal, window=opts.window)
+    if k.shape[1] == 0 or not bool(vis.any()):
+        return (torch.zeros(b, sq, hq, v.shape[-1], dtype=cdt, device=q.device),
+                torch.full((b, hq, sq), _NEG_INF, dtype=cdt, device=q.device))
+    out, lse = block_forward(q, k, v, band=FULL, scale=opts.scale, backend=opts.backend, mask=vis)
+    return out.to(cdt), lse.to(cdt)
+
+
+def _pack(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """``[out, lse]`` in one buffer ``[B, Sq, Hq, D + 1]``."""
+    return torch.cat([out, lse.transpose(1, 2).unsqueeze(-1)], -1)
+
+
+def _unpack(packed: torch.Tensor):
+    return packed[..., :-1], packed[..., -1].transpose(1, 2)
+
+
+def merge_partials(parts: torch.Tensor):
+    """Merge packed partials ``[P, B, Sq, Hq, D + 1]`` in index order (so every rank that
+    merges the same parts gets the same bits); returns ``(out, lse)``."""
+    out, lse = _unpack(parts[0])
+    out, lse = out.clone(), lse.contiguous().clone()
+    for part in parts[1:]:
+        merge_into(out, lse, *_unpack(part))
+    return out, lse
+
+
+def decode_attention(q: torch.Tensor, q_slots: torch.Tensor, shard: KVShard, topo: CPTopology,
+                     opts: AttnOptions):
+    """Queries that every rank holds (decode tokens, already appended to the cache) against
+    the whole sharded cache: one partial per rank, one all-gather of ``[out, lse]`` per
+    level of the topology, the same merged ``(out, lse)`` on every rank."""
+    packed = _pack(*shard_partial(q, q_slots, shard.k, shard.v, shard.slots, shard.valid, opts))
+    for grp in topo.levels:  # Ulysses first, then ring: every rank's partial, merged
+        packed = _pack(*merge_partials(comms.all_gather(grp, packed)))
+    out, lse = _unpack(packed)
+    return out.to(q.dtype), lse.contiguous()
+
+
+def _ring_group(topo: CPTopology) -> CPGroup:
+    if topo.is_mesh:
+        raise ValueError("pass-KV / pass-Q prefill against a KV cache needs a 1-D CP group; "
+                         f"got a mesh with axes {topo.mesh_axes}")
+    return topo.ring
+
+
+def _rotate(grp: CPGroup, blocks: list[torch.Tensor], shapes: list[tuple]) -> tuple:
+    """Post: send ``blocks`` to the next rank, receive buffers of ``shapes`` from the
+    previous one. Returns ``(pending, buffers)``."""
+    bufs = [torch.empty(s, dtype=t.dtype, device=t.device) for t, s in zip(blocks, shapes)]
+    pend = comms.exchange(grp, [(t.contiguous(), grp.rank + 1) for t in blocks],
+                          [(t, grp.rank - 1) for t in bufs])
+    return pend, bufs
+
+
+def pass_kv(q: torch.Tensor, q_slots: torch.Tensor, shard: KVShard, topo: CPTopology,
+            opts: AttnOptions):
+    """This rank's new queries against every rank's shard, the shards travelling round the
+    ring (``N - 1`` hops of ``k, v, slots, valid``; each transfer is posted before the
+    current block's kernel). Returns ``(out, lse)`` for the local queries."""
+    grp = _ring_group(topo)
+    n, r = grp.size, grp.rank
+    cur = [shard.k, shard.v, shard.slots, shard.valid.to(torch.uint8)]
+    out = lse = None
+    for step in range(n):
+        pend = None
+        if step < n - 1:
+            m = shard.counts[(r - step - 1) % n]
+            shapes = [(t.shape[0], m, *t.shape[2:]) for t in cur[:2]] + [(m,), (cur[3].shape[0], m)]
+            pend, nxt = _rotate(grp, cur, shapes)
+        o, l = shard_partial(q, q_slots, cur[0], cur[1], cur[2], cur[3].bool(), opts)
+        if out is None:
+            out, lse = o, l.contiguous()
+        else:
+            merge_into(out, lse, o, l)
+        if pend is not None:
+            pend.wait()
+            cur = nxt
+    return out.to(q.dtype), lse
+
+
+def pass_q(q: torch.Tensor, q_slots: torch.Tensor, shard: KVShard, topo: CPTopology,
+           opts: AttnOptions):
+    """This rank's new queries travel round the ring (``N - 1`` hops of ``q, slots``), each
+    rank computes the partial of every visiting block against its own shard, and one
+    all-to-all of ``[out, lse]`` brings the partials home, merged in rank order. Needs the
+    same number of new queries on every rank."""
+    grp = _ring_group(topo)
+    n, r = grp.size, grp.rank
+    parts: list[torch.Tensor | None] = [None] * n
+    cur = [q, q_slots]
+    for step in range(n):
+        pend = None
+        if step < n - 1:
+            pend, nxt = _rotate(grp, cur, [tuple(t.shape) for t in cur])
+        parts[(r - step) % n] = _pack(*shard_partial(cur[0], cur[1], shard.k, shard.v,
+                                                     shard.slots, shard.valid, opts))
+        if pend is not None:
+            pend.wait()
+            cur = nxt
+    back = comms.all_to_all(grp, parts) if n > 1 else parts
+    out, lse = merge_partials(torch.stack(back))
+    return out.to(q.dtype), lse.contiguous()
+
+
+def choose_prefill(new_tokens: int, cached_tokens: int, hq: int, hkv: int, head_dim: int,
+                   q_bytes: int, acc_bytes: int) -> str:
+    """The rule of ``method="auto"``: the method that moves fewer bytes per rank.
+
+    For T new and P cached tokens on N ranks, pass-KV sends ``N - 1`` shards of
+    ``(T + P)/N`` tokens' K and V (``2 * Hkv * D`` values each); pass-Q sends ``N - 1``
+    query blocks of ``T/N`` tokens (``Hq * D``) and returns as many partials
+    (``Hq * (D + 1)`` accumulation-dtype values). Counting only the ring messages this is
+    the paper's heuristic (pass-Q when ``T / (T + P) < 2 * Hkv / Hq``); the returned
+    partials make pass-Q win only for smaller new-token fractions, e.g. below about
+    ``Hkv / Hq`` in one dtype. Ties go to pass-KV. The same on every rank."""
+    kv = (new_tokens + cached_tokens) * 2 * hkv * head_dim * q_bytes
+    pq = new_tokens * hq * (head_dim * q_bytes + (head_dim + 1) * acc_bytes)
+    return "pass-q" if pq < kv else "pass-kv"
+
+
+def prefill_attention(q: torch.Tensor, q_slots: torch.Tensor, shard: KVShard,
+                      topo: CPTopology, opts: AttnOptions, method: str = "auto"):
+    """New queries ``[B, m, Hq, D]`` (this rank's share, already appended to ``shard``)
+    against the whole cache by ``method`` ("pass-kv", "pass-q" or "auto":
+    :func:`choose_prefill`). Returns ``(out, lse)``."""
+    if method not in PREFILL_METHODS:
+        raise ValueError(f"unknown prefill method {method!r}; expected one of {PREFILL_METHODS}")
+    if method == "auto":
+        new = q.shape[1] * topo.size
+        method = choose_prefill(new, shard.total - new, q.shape[2], shard.k.shape[2], q.shape[3],
+                                q.element_size(), torch.empty(0, dtype=acc_dtype(q.dtype)).element_size())
+    if topo.size == 1:
+        method = "pass-kv"  # the one shard is local; no message either way
+    return (pass_q if method == "pass-q" else pass_kv)(q, q_slots, shard, topo, opts)

@@ -1,0 +1,103 @@
+"""Hugging Face ``generate()`` under CP (:func:`ctxpar.integrations.transformers.generate`):
+tiny random Llama / Qwen3 models give token for token the output of single-process
+``generate()``, with every step's logits within the dtype's tolerance."""
+import copy
+import re
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from ctxpar.integrations.transformers import generate, register  # noqa: E402
+from test_hf_integration import VOCAB, _model  # noqa: E402
+
+TOL = {"float64": 1e-9, "float32": 1e-4}
+
+
+def _prompts(lengths: list[int], seed: int = 5):
+    """Left-padded prompts of the given lengths: ``(input_ids, attention_mask)``."""
+    g = torch.Generator().manual_seed(seed)
+    s = max(lengths)
+    ids = torch.randint(1, VOCAB, (len(lengths), s), generator=g)
+    mask = torch.ones(len(lengths), s, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, :s - n] = 0
+        mask[b, :s - n] = 0
+    return ids, mask
+
+
+def _compare(kind: str, dt: str, layout: str, method: str, lengths: list[int], options: dict,
+             cp_seed: int = 11):
+    """On every rank: CP generate vs single-process generate of the same model (the
+    reference seeded with 11, the CP run on this rank with ``cp_seed``)."""
+    name = register(f"ctxpar_gen_{layout}", layout=layout)
+    ref = _model(kind, getattr(torch, dt)).eval()
+    cp = copy.deepcopy(ref)
+    cp.set_attn_implementation(name)
+    ids, mask = _prompts(lengths)
+    mask = None if min(lengths) == max(lengths) else mask
+    kw = dict(return_dict_in_generate=True, output_logits=True, pad_token_id=0, **options)
+    torch.manual_seed(11)
+    want = ref.generate(ids, attention_mask=mask, **kw)
+    torch.manual_seed(cp_seed)
+    got = generate(cp, ids, attention_mask=mask, layout=layout, method=method, **kw)
+    err = max(float((a.double() - b.double()).abs().max() / b.double().abs().max())
+              for a, b in zip(got.logits, want.logits))
+    return bool(torch.equal(got.sequences, want.sequences)), err, tuple(got.sequences.shape)
+
+
+GREEDY = dict(max_new_tokens=32, min_new_tokens=32)
+
+
+# 13 tokens: no layout splits it on these groups (padded); batches of two lengths.
+@pytest.mark.parametrize("world,kind,layout,method,dt,lengths", [
+    (2, "llama", "zigzag", "auto", "float64", [13, 6]),
+    (3, "qwen3", "contiguous", "pass-q", "float64", [13]),
+    (4, "llama", "contiguous", "pass-kv", "float32", [13, 6]),
+    (2, "qwen3", "zigzag", "pass-q", "float32", [13, 6])])
+def test_greedy_matches_single_process(run_ranks, world, kind, layout, method, dt, lengths):
+    for same, err, shape in run_ranks(world, _compare, kind, dt, layout, method, lengths, GREEDY):
+        assert same and err < TOL[dt], (same, err)
+        assert shape == (len(lengths), 13 + 32)
+
+
+def test_sampling_eos_and_logits_processor(run_ranks):
+    """Ranks seeded differently still sample rank 0's tokens (those of one process seeded
+    alike); eos stops early; a logits processor applies."""
+    procs = transformers.LogitsProcessorList([transformers.RepetitionPenaltyLogitsProcessor(1.5)])
+    options = dict(max_new_tokens=24, do_sample=True, top_k=8, logits_processor=procs,
+                   eos_token_id=[3, 7])
+    res = run_ranks(2, _compare, "llama", "float64", "zigzag", "auto", [13, 6], options, 11)
+    res_other = run_ranks(2, _compare, "qwen3", "float32", "contiguous", "pass-kv", [9], options, 11)
+    for same, err, _ in res + res_other:
+        assert same and err < TOL["float32"], (same, err)
+
+
+def _bad_call(case: str):
+    rank = torch.distributed.get_rank()
+    name = register("ctxpar_gen_bad", layout="zigzag")
+    model = _model("llama", torch.float64, attn=name).eval()
+    ids, _ = _prompts([8])
+    kw = dict(max_new_tokens=2, pad_token_id=0)
+    try:
+        if case == "prompt":
+            generate(model, ids + rank, **kw)
+        elif case == "option":
+            generate(model, ids, max_new_tokens=2 + rank, pad_token_id=0)
+        elif case == "beams":
+            generate(model, ids, num_beams=2, **kw)
+        else:
+            generate(model, ids, layout="contiguous", **kw)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.parametrize("case,match", [
+    ("prompt", "input_ids checksum differs"), ("option", "generation options differ"),
+    ("beams", "num_beams"), ("layout", "layout='contiguous'.*layout='zigzag'")])
+def test_bad_input_same_error_everywhere(run_ranks, case, match):
+    errors = run_ranks(2, _bad_call, case)
+    assert errors[0] == errors[1], errors
+    assert re.search(match, errors[0]), errors[0]
