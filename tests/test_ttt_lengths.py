@@ -104,13 +104,27 @@ def _cp_lengths_rank(layout: str, seq: int) -> dict:
     return errs
 
 
+@pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
-def test_cp_pads_to_whole_chunks(run_ranks, layout):
+def test_cp_pads_to_whole_chunks(run_ranks, layout, world):
     seq = 21
-    for errs in run_ranks(2, _cp_lengths_rank, layout, seq):
+    for errs in run_ranks(world, _cp_lengths_rank, layout, seq):
         message = errs.pop("unpadded")
-        mult = (4 if layout == "zigzag" else 2) * C
+        mult = (2 * world if layout == "zigzag" else world) * C
         assert f"must be a multiple of {mult}: pad it to {-(-seq // mult) * mult}" in message, message
         assert f"multiple_of={C}" in message
         bad = {k: v for k, v in errs.items() if not v <= 1e-10}
         assert not bad, bad
+
+
+def test_pad_for_cp_and_shard_batch_take_a_multiple():
+    import ctxpar
+    from ctxpar.integrations.transformers import shard_batch
+
+    x, info = ctxpar.pad_for_cp(torch.ones(1, 21, 3), layout="zigzag", multiple_of=6)  # 2 x 6 on one rank
+    assert x.shape[1] == 24 and info.length == 21 and int(info.pad_mask.sum()) == 3
+    batch = shard_batch(torch.ones(1, 21, dtype=torch.long), layout="contiguous", multiple_of=5)
+    assert batch.input_ids.shape[1] == 25 and bool((batch.labels[0, 20:] == -100).all())
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match=f"multiple_of must be a positive int, got {bad}"):
+            ctxpar.pad_for_cp(torch.ones(1, 5), multiple_of=bad)

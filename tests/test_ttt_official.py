@@ -167,6 +167,10 @@ def test_bad_input_names_the_value():
         convert(_tiny_layers(2), ttt_target="logits")
     with pytest.raises(ValueError, match=r"layers \[2, 9\] out of range for a model with 2 layers"):
         convert(_tiny_layers(2), ttt_layers=[0, 2, 9])
+    with pytest.raises(ValueError, match="ttt_lr must be a number, got '3'"):
+        convert(_tiny_layers(2), ttt_lr="3")
+    with pytest.raises(ValueError, match="chunk_size must be a positive int, got 0"):
+        convert(_tiny_layers(2), ttt_chunk=0)
     with pytest.raises(ValueError, match=r"pass one of 'layers' and 'ttt_layers'"):
         convert(_tiny_layers(2), layers=[0], ttt_layers=[1])
     model = convert(_tiny_layers(2), ttt_layers=[1])
