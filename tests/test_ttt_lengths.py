@@ -128,3 +128,39 @@ def test_pad_for_cp_and_shard_batch_take_a_multiple():
     for bad in (0, 2.0, True):
         with pytest.raises(ValueError, match=f"multiple_of must be a positive int, got {bad}"):
             ctxpar.pad_for_cp(torch.ones(1, 5), multiple_of=bad)
+
+
+def _cp_prefill_rank(layout: str, prompt: int, total: int) -> float:
+    """A prompt padded to whole chunks per shard, prefilled under CP with its real length,
+    then decoded token by token on this rank: the outputs of one process's forward."""
+    import ctxpar
+    from ctxpar.dist.topology import CPGroup
+
+    layer = make_layer(torch.float64, layout=layout)
+    alone = copy.deepcopy(layer)
+    alone.group = CPGroup(None, 0, 1)
+    x, _ = make_data(torch.float64, total)
+    junk = torch.randn(B, 64, D, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    padded, _ = ctxpar.pad_for_cp(x[:, :prompt], layout=layout, multiple_of=C)
+    padded = torch.cat([x[:, :prompt], junk[:, : padded.shape[1] - prompt]], 1)  # any padding
+    with torch.no_grad():
+        state = layer.prefill_state(ctxpar.shard(padded, layout=layout), length=prompt)
+        outs = []
+        for t in range(prompt, total):
+            out, state = layer.step(x[:, t:t + 1], state)
+            outs.append(out)
+        want = alone(x)[:, prompt:]
+    return _rel(torch.cat(outs, 1), want)
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("prompt", [C * 4, 21])
+def test_cp_prefill_of_a_padded_prompt_then_decode(run_ranks, layout, prompt):
+    assert max(run_ranks(2, _cp_prefill_rank, layout, prompt, prompt + C + 2)) <= 1e-10
+
+
+def test_prefill_length_is_checked():
+    layer = make_layer(torch.float64)
+    x, _ = make_data(torch.float64, 6)
+    with pytest.raises(ValueError, match=r"length must be an int in \[0, 6\].*got 7"):
+        layer.prefill_state(x, length=7)

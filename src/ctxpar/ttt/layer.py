@@ -54,6 +54,7 @@ from ctxpar.dist.topology import resolve
 from ctxpar.numerics import acc_dtype
 from ctxpar.scan import ALGORITHMS
 from ctxpar.sequence.layouts import get_layout
+from ctxpar.sequence.spec import ShardSpec
 from ctxpar.ttt.checks import check_agreement, positions_error
 from ctxpar.ttt.names import rename_for_save, translate_for_load
 from ctxpar.ttt.ops import TTTApply, chunk_delta, without_autocast
@@ -272,31 +273,59 @@ class InPlaceTTTMLP(nn.Module):
 
     # ----------------------------------------------------------------------- streaming
     @torch.no_grad()
-    def prefill_state(self, x: torch.Tensor, *, embeddings=None) -> TTTState:
-        """The streaming state after a prefill run under CP: ``x`` is this rank's shard
-        ``[B, S_local, D]`` of a prompt of whole chunks, as given to :meth:`forward`. Every
-        rank gets the same state (Σ of every chunk's ΔW: the chunk sums are additive, so one
+    def prefill_state(self, x: torch.Tensor, *, embeddings=None, length: int | None = None) -> TTTState:
+        """The streaming state after a prefill: ``x`` is this rank's shard ``[B, S_local, D]``
+        of the prompt, as given to :meth:`forward` (on one process, any length). Every rank
+        gets the same state (Σ of the whole chunks' ΔW: the chunk sums are additive, so one
         all-reduce of a ``[B, D, F]`` carry), ready for :meth:`step` on the tokens that
-        follow, on any process. On one process any length: a trailing partial chunk goes
-        to the state's open-chunk buffers."""
+        follow, on any process. ``length`` (the same on every rank): the prompt's real
+        length when the shards hold a prompt padded at its end (``shard_batch(...,
+        multiple_of=chunk_size)``); default all of it. The padding is left out, and the real
+        tokens of a trailing partial chunk become the state's open chunk (under CP one more
+        all-reduce, of ``[B, < C, D + F]``)."""
         topo = resolve(self.group)
         source = self._checked_target_source(x, embeddings, None)
-        c = self.config.chunk_size
-        whole = x.shape[1] - (x.shape[1] % c if topo.size == 1 else 0)
-        self.plan(whole)  # checks that the shard is whole chunks
-        acc = acc_dtype(self.down_proj.weight.dtype)
-        z_all = self.activations(x)
-        z, v = z_all[:, :whole], self.targets(source[:, :whole])
-        with without_autocast(x.device.type):  # the carry stays in acc, also under autocast
-            if self.config.clip_tau is None:  # Σ_i V̂_iᵀ Z_i is one product over all rows
-                delta = torch.bmm(v.to(acc).transpose(1, 2), z.to(acc))
-            else:
-                delta = sum((chunk_delta(v[:, i:i + c].to(acc), z[:, i:i + c].to(acc), self.config.clip_tau)[0]
-                             for i in range(0, whole, c)), z.new_zeros(z.shape[0], v.shape[2], z.shape[2], dtype=acc))
-        delta = delta.contiguous()
+        c, z = self.config.chunk_size, self.activations(x)
+        pad = self._tail_padding(x.shape[1])
+        self.plan(x.shape[1] + pad)  # under CP: checks that the shard is whole chunks
+        total = x.shape[1] * topo.size
+        length = total if length is None else length
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= total:
+            raise ValueError(f"length must be an int in [0, {total}] (the prompt's tokens), got {length!r}")
+        whole = length - length % c
+        if pad:
+            z, source = F.pad(z, (0, 0, 0, pad)), F.pad(source, (0, 0, 0, pad))
+        pos = self._positions(topo, z.shape[1], z.device)
+        delta = self._prompt_delta(source, z.masked_fill((pos >= whole).view(1, -1, 1), 0))
         for grp in (topo.ulysses, topo.ring):
             all_reduce(grp, delta)
-        return TTTState(delta, source[:, whole:], z_all[:, whole:], x.shape[1] * topo.size)
+        tail = (pos >= whole) & (pos < length)
+        t_buf, z_buf = (t.new_zeros(t.shape[0], length - whole, t.shape[2]) for t in (source, z))
+        t_buf[:, pos[tail] - whole], z_buf[:, pos[tail] - whole] = source[:, tail], z[:, tail]
+        if length > whole:  # the open chunk lives on one rank: sum it into every rank's
+            for buf in (t_buf, z_buf):
+                for grp in (topo.ulysses, topo.ring):
+                    all_reduce(grp, buf)
+        return TTTState(delta, t_buf, z_buf, length)
+
+    def _positions(self, topo, local_len: int, device) -> torch.Tensor:
+        """Global positions ``[S_local]`` of this rank's rows under the layer's layout."""
+        if topo.size == 1:
+            return torch.arange(local_len, device=device)
+        return ShardSpec.make(get_layout(self.config.layout), topo, local_len, None).positions(topo.rank, device)
+
+    def _prompt_delta(self, source: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Σ over this rank's chunks of ΔW_i ``[B, D, F]`` in the carry dtype (rows of ``z``
+        zeroed where they must not count); S a multiple of the chunk size."""
+        c, acc = self.config.chunk_size, acc_dtype(self.down_proj.weight.dtype)
+        v = self.targets(source)
+        with without_autocast(z.device.type):  # the carry stays in acc, also under autocast
+            if self.config.clip_tau is None:  # Σ_i V̂_iᵀ Z_i is one product over all rows
+                return torch.bmm(v.to(acc).transpose(1, 2), z.to(acc)).contiguous()
+            delta = z.new_zeros(z.shape[0], v.shape[2], z.shape[2], dtype=acc)
+            for i in range(0, z.shape[1], c):
+                delta += chunk_delta(v[:, i:i + c].to(acc), z[:, i:i + c].to(acc), self.config.clip_tau)[0]
+            return delta
 
     def _checked_target_source(self, x, embeddings, cu_seqlens, position_ids=None):
         """The target source, after the cross-rank agreement check (``check_args``,
