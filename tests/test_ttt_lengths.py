@@ -20,7 +20,7 @@ def _reference(layer, x, gout, cu=None):
     xr = x.double().requires_grad_(True)
     out = ttt_reference(xr, w_gate=p["gate_proj.weight"], w_up=p["up_proj.weight"],
                         w_down=p["down_proj.weight"], conv_weight=p["ttt_conv"],
-                        w_proj=p["ttt_proj.weight"], eta=p["ttt_eta"], chunk_size=C, cu_seqlens=cu)
+                        w_proj=p.get("ttt_proj.weight"), eta=p["ttt_eta"], chunk_size=C, cu_seqlens=cu)
     (out * gout).sum().backward()
     return out.detach(), xr.grad, {k: v.grad for k, v in p.items()}
 
@@ -29,10 +29,10 @@ def _rel(a, b):
     return ((a.double() - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("seq", LENGTHS)
-@pytest.mark.parametrize("packed", [False, True])
-def test_any_length_equals_the_token_loop(seq, packed):
-    layer = make_layer(torch.float64)
+@pytest.mark.parametrize("seq,packed,proj", [(s, p, True) for s in LENGTHS for p in (False, True)]
+                         + [(3 * C + 2, False, False), (3 * C + 2, True, False)])
+def test_any_length_equals_the_token_loop(seq, packed, proj):
+    layer = make_layer(torch.float64, proj=proj)
     x, gout = make_data(torch.float64, seq)
     # One process, zigzag: inner documents of even length (each pads to 2N = 2 otherwise);
     # the last one is any length, and the layer's padding joins it.
