@@ -21,7 +21,8 @@ def make_layer(dtype, group=None, trained=True, **options) -> InPlaceTTTMLP:
     if trained:
         with torch.no_grad():
             layer.ttt_conv.normal_()
-            layer.ttt_target.normal_(std=0.3)
+            if layer.ttt_proj is not None:  # proj=False: V̂ = Conv(T)
+                layer.ttt_target.normal_(std=0.3)
             layer.ttt_eta.fill_(0.3)
     return layer.to(dtype)
 

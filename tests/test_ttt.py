@@ -20,7 +20,7 @@ WORLDS = [1, 2, 3, 4]
 S = 96
 TOL = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2}
 CU = (0, 10, 16, 45, 46, 80, 96)  # a start mid-chunk, chunk-aligned ones, two in one chunk
-PARAMS = ("gate_proj.weight", "up_proj.weight", "down_proj.weight", "ttt_conv", "ttt_target", "ttt_eta")
+PARAMS = ("gate_proj.weight", "up_proj.weight", "down_proj.weight", "ttt_conv", "ttt_proj.weight", "ttt_eta")
 
 
 def _data(dtype, seq=S):
@@ -36,7 +36,7 @@ def _reference(dtype_name, clip=None, cu=None, seq=S):
     xr = x.double().requires_grad_(True)
     out = ttt_reference(xr, w_gate=p["gate_proj.weight"], w_up=p["up_proj.weight"],
                         w_down=p["down_proj.weight"], conv_weight=p["ttt_conv"],
-                        w_target=p["ttt_target"], eta=p["ttt_eta"], chunk_size=C,
+                        w_proj=p["ttt_proj.weight"], eta=p["ttt_eta"], chunk_size=C,
                         clip_tau=clip, cu_seqlens=cu)
     (out * gout).sum().backward()
     return out.detach(), xr.grad, {k: v.grad for k, v in p.items()}
@@ -284,7 +284,7 @@ def test_decode_after_a_cp_prefill(run_ranks, world, layout, clip):
     with torch.no_grad():
         ref = ttt_reference(x, w_gate=p["gate_proj.weight"], w_up=p["up_proj.weight"],
                             w_down=p["down_proj.weight"], conv_weight=p["ttt_conv"],
-                            w_target=p["ttt_target"], eta=p["ttt_eta"], chunk_size=C, clip_tau=clip)
+                            w_proj=p["ttt_proj.weight"], eta=p["ttt_eta"], chunk_size=C, clip_tau=clip)
         _, single = layer.step(x[:, :S])  # the one-process state after the same prompt
     for tail, delta in per_rank:
         torch.testing.assert_close(tail, ref[:, S:], rtol=1e-10, atol=1e-10)
@@ -298,10 +298,10 @@ def test_embeddings_target():
     emb = torch.randn_like(x)
     p = dict(layer.named_parameters())
     ref = ttt_reference(x, w_gate=p["gate_proj.weight"], w_up=p["up_proj.weight"], w_down=p["down_proj.weight"],
-                        conv_weight=p["ttt_conv"], w_target=p["ttt_target"], eta=p["ttt_eta"],
+                        conv_weight=p["ttt_conv"], w_proj=p["ttt_proj.weight"], eta=p["ttt_eta"],
                         chunk_size=8, target=emb)
     torch.testing.assert_close(layer(x, embeddings=emb), ref, rtol=1e-10, atol=1e-10)
-    with pytest.raises(ValueError, match="target='embeddings' needs embeddings"):
+    with pytest.raises(ValueError, match="target='input_embed' needs embeddings"):
         layer(x)
 
 
@@ -316,7 +316,7 @@ def test_down_proj_bias():
         layer.ttt_conv.normal_()
     p = dict(layer.named_parameters())
     ref = ttt_reference(x, w_gate=p["gate_proj.weight"], w_up=p["up_proj.weight"], w_down=p["down_proj.weight"],
-                        conv_weight=p["ttt_conv"], w_target=p["ttt_target"], eta=p["ttt_eta"],
+                        conv_weight=p["ttt_conv"], w_proj=p["ttt_proj.weight"], eta=p["ttt_eta"],
                         chunk_size=4, bias=p["down_proj.bias"])
     (gb_ref,) = torch.autograd.grad((ref * x).sum(), p["down_proj.bias"])
     out = layer(x)
@@ -347,7 +347,7 @@ def test_shards_that_differ_across_ranks_fail_on_every_rank(run_ranks):
         run_ranks(2, _embeddings_missing_on_one_rank)
     assert set(info.value.exc_types) == {0, 1}
     # The rank that found the problem names it; its peer learns of it from the check.
-    assert "target='embeddings' needs embeddings" in info.value.failures[1]
+    assert "target='input_embed' needs embeddings" in info.value.failures[1]
     assert "target source ok differs on rank(s)" in info.value.failures[0]
     for sizes in (None, [2, 2]):
         with pytest.raises(RankError) as info:
@@ -377,8 +377,8 @@ def _step_without_state_rank():
 def test_validation_errors(run_ranks):
     with pytest.raises(ValueError, match="striped"):
         InPlaceTTTMLP(GatedMLP(D, FF), layout="striped")
-    with pytest.raises(ValueError, match="chunk_size=8 does not divide the shard.*30 tokens"):
-        InPlaceTTTMLP(GatedMLP(D, FF), chunk_size=8)(torch.zeros(1, 30, D))
+    # One process pads its own trailing partial chunk (issue 13; it used to raise here).
+    assert InPlaceTTTMLP(GatedMLP(D, FF), chunk_size=8)(torch.zeros(1, 30, D)).shape == (1, 30, D)
     with pytest.raises(RankError) as info:
         run_ranks(2, _bad_chunk_rank)
     assert set(info.value.exc_types.values()) == {"ValueError"}

@@ -56,7 +56,7 @@ def _reference():
     xr = x.double().requires_grad_(True)
     out = ttt_reference(xr, w_gate=p["gate_proj.weight"], w_up=p["up_proj.weight"],
                         w_down=p["down_proj.weight"], conv_weight=p["ttt_conv"],
-                        w_target=p["ttt_target"], eta=p["ttt_eta"], chunk_size=C)
+                        w_proj=p["ttt_proj.weight"], eta=p["ttt_eta"], chunk_size=C)
     (out * gout).sum().backward()
     return out.detach(), xr.grad, {k: v.grad for k, v in p.items()}
 

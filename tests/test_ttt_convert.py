@@ -33,30 +33,30 @@ def test_convert_keeps_logits_and_names(kind):
     with torch.no_grad():
         before = model(ids).logits
     old_keys = set(model.state_dict())
-    old_mlp = model.model.layers[5].mlp
+    old_mlp = model.model.layers[0].mlp
     convert(model, chunk_size=8)
     converted = [i for i, l in enumerate(model.model.layers) if isinstance(l.mlp, InPlaceTTTMLP)]
-    assert converted == [5]  # every 6th layer by default
-    assert model.model.layers[5].mlp.down_proj is old_mlp.down_proj  # reused, not copied
+    assert converted == [0]  # i % 6 == 0 by default, as the release (was 5, 11, ...: issue 13)
+    assert model.model.layers[0].mlp.down_proj is old_mlp.down_proj  # reused, not copied
     with torch.no_grad():
         after = model(ids).logits
     assert torch.equal(before, after)
     new_keys = set(model.state_dict()) - old_keys
     assert old_keys <= set(model.state_dict())  # pretrained checkpoints still load
-    assert new_keys == {f"model.layers.5.mlp.{n}" for n in ("ttt_conv", "ttt_target", "ttt_eta")}
+    # The release's names (issue 13); a fixed ttt_lr (the default) is not in the state dict.
+    assert new_keys == {f"model.layers.0.mlp.{n}" for n in ("ttt_conv.weight", "ttt_proj.weight")}
 
 
 def test_convert_options_and_errors():
     model = _model(layers=3)
     convert(model, layers=[0, 2], chunk_size=4, learn_eta=False, target="embeddings")
     names = {n for n, p in model.named_parameters() if "ttt_" in n}
-    assert names == {f"model.layers.{i}.mlp.{n}" for i in (0, 2) for n in ("ttt_conv", "ttt_target")}
+    assert names == {f"model.layers.{i}.mlp.{n}" for i in (0, 2) for n in ("ttt_conv", "ttt_proj.weight")}
     ids = torch.randint(0, 100, (1, 16))
     model(ids)  # the embedding hook feeds the target
     with pytest.raises(ValueError, match="already converted"):
         convert(model, layers=[0])
-    with pytest.raises(ValueError, match="has 2 layers.*selects none"):
-        convert(_model(layers=2))
+    assert model.config.ttt_layers == [0, 2] and model.config.ttt_target == "input_embed"
     with pytest.raises(ValueError, match=r"layers \[7\] out of range"):
         convert(_model(layers=2), layers=[7])
 

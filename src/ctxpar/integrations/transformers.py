@@ -59,7 +59,7 @@ import torch
 from ctxpar.attn.dispatch import METHODS, attention
 from ctxpar.dist.topology import resolve
 from ctxpar.sequence.layouts import get_layout
-from ctxpar.sequence.packing import shard_packed
+from ctxpar.sequence.packing import checked_multiple, shard_packed
 from ctxpar.sequence.sharding import position_ids as cp_position_ids, shard
 from ctxpar.sequence.spec import cp_multiple, parse_cu_seqlens
 
@@ -249,7 +249,7 @@ def shift_labels(labels: torch.Tensor, *, ignore_index: int = -100,
 def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, group=None,
                 layout: str = "zigzag", attention_mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None,
-                ignore_index: int = -100) -> CPBatch:
+                ignore_index: int = -100, multiple_of: int = 1) -> CPBatch:
     """Shard a full causal-LM batch for CP (call on every rank with the same tensors).
 
     Args:
@@ -269,6 +269,9 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
             in each document, no label crosses a boundary, and the model's attention gets
             the boundaries (``cu_seq_lens_q``) so no query sees another document.
         ignore_index: label value excluded from the loss.
+        multiple_of: pad plain sequences further, to that multiple of the layout's
+            (e.g. a converted model's In-Place TTT chunk size, so that every shard is
+            whole chunks; see ``ctxpar.ttt``).
 
     Returns:
         :class:`CPBatch` with this rank's ``input_ids``, shifted ``labels`` and global (or
@@ -291,7 +294,7 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
         return _shard_packed_batch(input_ids, labels, cu_seqlens, group, layout, ignore_index)
     shifted = shift_labels(labels, ignore_index=ignore_index)
     topo = resolve(group)
-    mult = cp_multiple(get_layout(layout), topo.ring.size, topo.ulysses.size)
+    mult = cp_multiple(get_layout(layout), topo.ring.size, topo.ulysses.size) * checked_multiple(multiple_of)
     ids, shifted = _pad_to_multiple(input_ids, shifted, mult, ignore_index)
     total = ids.shape[1]
     position_ids = cp_position_ids(total, group=topo, layout=layout, device=input_ids.device)

@@ -97,14 +97,15 @@ class PadInfo:
 
 
 def pad_for_cp(x: torch.Tensor, *, group=None, layout: str = "zigzag", dim: int = 1,
-               value=0) -> tuple[torch.Tensor, PadInfo]:
+               value=0, multiple_of: int = 1) -> tuple[torch.Tensor, PadInfo]:
     """Pad the full tensor ``x`` at the end of ``dim`` to the multiple the layout needs on
-    ``group`` (2N for zigzag, N otherwise; times the Ulysses degree on a hierarchical mesh);
-    shard the result with ``ctxpar.shard`` as usual."""
+    ``group`` (2N for zigzag, N otherwise; times the Ulysses degree on a hierarchical mesh),
+    times ``multiple_of`` (e.g. an In-Place TTT chunk size: every run of every shard is
+    then whole chunks); shard the result with ``ctxpar.shard`` as usual."""
     topo = resolve(group)
     dim = dim % x.dim()
     n = x.shape[dim]
-    mult = cp_multiple(get_layout(layout), topo.ring.size, topo.ulysses.size)
+    mult = cp_multiple(get_layout(layout), topo.ring.size, topo.ulysses.size) * checked_multiple(multiple_of)
     total = -(-n // mult) * mult
     if total > n:
         shape = list(x.shape)
@@ -112,3 +113,10 @@ def pad_for_cp(x: torch.Tensor, *, group=None, layout: str = "zigzag", dim: int 
         x = torch.cat([x, torch.full(shape, value, dtype=x.dtype, device=x.device)], dim)
     mask = torch.arange(total, device=x.device) >= n
     return x, PadInfo(torch.tensor([0, n], dtype=torch.int32, device=x.device), mask, n)
+
+
+def checked_multiple(multiple_of: int) -> int:
+    """``multiple_of`` checked: a positive int."""
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise ValueError(f"multiple_of must be a positive int, got {multiple_of!r}")
+    return multiple_of

@@ -4,7 +4,8 @@
   :class:`TTTState`;
 - :mod:`~ctxpar.ttt.plan`: a rank's blocks of chunks and their document resets;
 - :mod:`~ctxpar.ttt.ops`: the fast-weight autograd Function (forward and backward);
-- :mod:`~ctxpar.ttt.convert`: the Hugging Face drop-in;
+- :mod:`~ctxpar.ttt.names`: state-dict names and orientation of the official release;
+- :mod:`~ctxpar.ttt.convert`: the Hugging Face drop-in, with the release's settings;
 - :mod:`~ctxpar.ttt.reference`: the float64 token loop the tests and ``ctxpar verify``
   compare with.
 """

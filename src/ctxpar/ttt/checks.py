@@ -3,7 +3,7 @@
 Cross-rank agreement (``check_args``, on by default: one all-gather of a dozen int64 per
 call). Every rank must run the same plan, or the carries are wrong or a collective hangs:
 the shard's shape and dtype, the chunk size, the options that shape the plan or the math
-(layout, scan algorithm, clip, target, conv kernel, ``learn_eta``), the value of η (a rank
+(layout, scan algorithm, clip, target, projection on/off, conv kernel, ``learn_eta``), the value of η (a rank
 with another η would mix its carries silently), whether autocast is on and in which
 dtype, and the packed documents. Errors that one rank finds alone (a missing embeddings
 tensor, position ids that do not fit the layout) are fields of the same check, so that
@@ -90,11 +90,11 @@ def check_agreement(cfg, topo: CPTopology, x: torch.Tensor, eta: torch.Tensor, c
     own = next((e for e in local.values() if e is not None), None)
     if cfg.check_args:
         cast = autocast_dtype(x.device.type)
-        options = (f"{cfg.layout} {cfg.scan_algorithm} {cfg.clip_tau!r} {cfg.target} "
+        options = (f"{cfg.layout} {cfg.scan_algorithm} {cfg.clip_tau!r} {cfg.target} {cfg.proj} "
                    f"{cfg.conv_kernel} {cfg.learn_eta}")
         fields = {"batch": x.shape[0], "S_local": x.shape[1], "hidden": x.shape[2],
                   "dtype": dtype_code(x.dtype), "chunk_size": cfg.chunk_size,
-                  "options (layout, scan, clip, target, conv, learn_eta)": text_code(options),
+                  "options (layout, scan, clip, target, proj, conv, learn_eta)": text_code(options),
                   "eta": _eta_bits(eta), "autocast dtype": -1 if cast is None else dtype_code(cast),
                   "cu_seqlens checksum": cu_checksum(cu_seqlens)}
         fields.update({f"{name} ok": int(e is None) for name, e in local.items()})

@@ -5,16 +5,22 @@ The math (one sequence; B sequences of a batch are independent)
 H ``[S, D]`` is the MLP input, F = d_ff, C the chunk size, chunk i the rows [iC, (i+1)C).
 
 - Gated MLP: ``Z = act(H W_gateᵀ) ⊙ (H W_upᵀ)``, ``[S, F]``; act = SiLU by default.
-- Target: ``V̂ = Conv(T) W_targetᵀ``, ``[S, D]``. T is the MLP input (default, for continual
-  training of a pretrained model) or the token embeddings. Conv is depthwise, kernel 5,
-  centred (two tokens back, two ahead), zero-initialised, and zero-padded at *chunk* edges:
-  it never crosses a chunk boundary, since a conv across chunks would leak token t+1 into
-  the weights used at t. W_target ``[D, D]`` starts as a small random diagonal.
+- Target: ``V̂ = Conv(T) W_proj``, ``[S, D]``, with W_proj ``[D, D]`` used untransposed as
+  in the official release (``ttt_proj``; ``proj=False``: V̂ = Conv(T)). T is the MLP input
+  (``target="hidden_states"``, default, for continual training of a pretrained model) or
+  the token embeddings (``"input_embed"``). Conv is depthwise, kernel 5, centred (two
+  tokens back, two ahead), zero-initialised, and zero-padded at *chunk* edges: it never
+  crosses a chunk boundary, since a conv across chunks would leak token t+1 into the
+  weights used at t. W_proj starts as a small random diagonal.
 - Update: ``ΔW_i = V̂_iᵀ Z_i`` ``[D, F]`` (the shape of W_down), optionally scaled to Frobenius
   norm ≤ τ.
 - Apply: ``W_(i) = W_0 + η Σ_{j<i} ΔW_j`` (an *exclusive* prefix: a chunk never sees its own
   delta), ``O_i = Z_i W_(i)ᵀ``, W_0 = down_proj.weight, η a learnable or fixed scalar.
 - At init the conv is zero, so V̂ = 0, ΔW = 0 and the layer equals the wrapped MLP exactly.
+- Any length: a trailing partial chunk uses W_(i) of the chunks before it and its delta
+  feeds no later chunk (the release zero-pads to whole chunks; so does this layer on one
+  process). Under CP every run of every shard must be whole chunks: pad the batch
+  (``shard_batch(..., multiple_of=chunk_size)``), else a ValueError names the length.
 
 Packed documents (``cu_seqlens``: the original global boundaries ``[0, l1, l1+l2, ..., S]``,
 tokens sharded by :func:`ctxpar.shard_packed`, the same convention as attention): chunks
@@ -48,13 +54,16 @@ from ctxpar.dist.topology import resolve
 from ctxpar.numerics import acc_dtype
 from ctxpar.scan import ALGORITHMS
 from ctxpar.sequence.layouts import get_layout
+from ctxpar.sequence.spec import ShardSpec
 from ctxpar.ttt.checks import check_agreement, positions_error
+from ctxpar.ttt.names import rename_for_save, translate_for_load
 from ctxpar.ttt.ops import TTTApply, chunk_delta, without_autocast
 from ctxpar.ttt.plan import Plan, build_plan
 
 __all__ = ["TTTConfig", "InPlaceTTTMLP", "TTTState"]
 
-TARGETS = ("mlp_input", "embeddings")
+TARGETS = ("hidden_states", "input_embed")  # the release's ``ttt_target`` values
+TARGET_ALIASES = {"mlp_input": "hidden_states", "embeddings": "input_embed"}  # earlier names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +71,8 @@ class TTTConfig:
     """Options of :class:`InPlaceTTTMLP` (validated on construction)."""
 
     chunk_size: int = 1024
-    target: str = "mlp_input"          # or "embeddings"
+    target: str = "hidden_states"      # or "input_embed" (aliases "mlp_input", "embeddings")
+    proj: bool = True                  # ttt_proj: V̂ = Conv(T) W_proj; False: V̂ = Conv(T)
     conv_kernel: int = 5               # odd: centred on the token
     eta: float = 1e-2                  # initial η
     learn_eta: bool = True             # η is a Parameter (else a buffer)
@@ -78,8 +88,13 @@ class TTTConfig:
     def __post_init__(self):
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
-        if self.target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        target = TARGET_ALIASES.get(self.target, self.target) if isinstance(self.target, str) else None
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS} (or the aliases "
+                             f"{tuple(TARGET_ALIASES)}), got {self.target!r}")
+        object.__setattr__(self, "target", target)  # one name per target from here on
+        if not isinstance(self.proj, bool):
+            raise ValueError(f"proj must be a bool, got {self.proj!r}")
         if not isinstance(self.conv_kernel, int) or self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
             raise ValueError(f"conv_kernel must be a positive odd int, got {self.conv_kernel!r}")
         if not math.isfinite(self.eta):
@@ -114,8 +129,11 @@ class InPlaceTTTMLP(nn.Module):
     ``mlp`` needs ``gate_proj``, ``up_proj``, ``down_proj`` (``nn.Linear``) and optionally
     ``act_fn`` (SiLU if absent). Its submodules are reused, not copied: their parameters keep
     their names (``gate_proj.weight``, ...) and ``requires_grad``. New parameters, all
-    trainable: ``ttt_conv`` ``[D, 1, k]`` (zeros), ``ttt_target`` ``[D, D]`` (W_target) and
-    ``ttt_eta`` (a buffer instead if ``learn_eta=False``).
+    trainable: ``ttt_conv`` ``[D, 1, k]`` (zeros; saved as ``ttt_conv.weight``),
+    ``ttt_proj.weight`` ``[D, D]`` (W_proj, unless ``proj=False``) and ``ttt_eta`` (a
+    non-persistent buffer instead if ``learn_eta=False``); state dicts follow the release,
+    see :mod:`ctxpar.ttt.names`. The layer-level defaults (η learnable from 0.01) are
+    ctxpar's; :func:`ctxpar.ttt.convert` uses the release's (fixed ``ttt_lr`` 0.3).
 
     ``forward(x [B, S_local, D], *, embeddings=None, cu_seqlens=None) -> [B, S_local, D]``.
     Under CP, ``x`` is this rank's shard in ``layout`` order on ``group`` (a ProcessGroup,
@@ -146,19 +164,40 @@ class InPlaceTTTMLP(nn.Module):
         kw = dict(dtype=w0.dtype, device=w0.device)
         self.ttt_conv = nn.Parameter(torch.zeros(d, 1, cfg.conv_kernel, **kw))
         diag = torch.randn(d, dtype=torch.float32, device=w0.device) * cfg.target_init_std
-        self.ttt_target = nn.Parameter(torch.diag(diag).to(w0.dtype))
+        self.ttt_proj = None
+        if cfg.proj:  # skip_init: no draw from the RNG beyond the diagonal's
+            self.ttt_proj = nn.utils.skip_init(nn.Linear, d, d, bias=False, **kw)
+            with torch.no_grad():
+                self.ttt_proj.weight.copy_(torch.diag(diag))
         eta = torch.tensor(float(cfg.eta), **kw)
         if cfg.learn_eta:
             self.ttt_eta = nn.Parameter(eta)
-        else:
-            self.register_buffer("ttt_eta", eta)
-        self._embedding_tap = None  # set by convert(target="embeddings")
+        else:  # the release keeps ttt_lr in its config, not in the state dict
+            self.register_buffer("ttt_eta", eta, persistent=False)
+        self._embedding_tap = None  # set by convert(ttt_target="input_embed")
         self._document_tap = None  # set by convert(): the decoder layer's packed documents
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"chunk_size={c.chunk_size}, target={c.target!r}, layout={c.layout!r}, "
+        return (f"chunk_size={c.chunk_size}, target={c.target!r}, proj={c.proj}, layout={c.layout!r}, "
                 f"clip_tau={c.clip_tau}, scan={c.scan_algorithm!r}")
+
+    @property
+    def ttt_target(self) -> torch.Tensor | None:
+        """W_target = W_projᵀ ``[D, D]`` (a view of ``ttt_proj.weight``; None without
+        projection): the earlier name and orientation, V̂ = Conv(T) W_targetᵀ."""
+        return None if self.ttt_proj is None else self.ttt_proj.weight.t()
+
+    # ------------------------------------------------------------- state dict (names.py)
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        rename_for_save(destination, prefix)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        translate_for_load(state_dict, prefix, conv_shape=self.ttt_conv.shape,
+                           proj_shape=None if self.ttt_proj is None else self.ttt_proj.weight.shape,
+                           eta=self.ttt_eta, learn_eta=self.config.learn_eta)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -------------------------------------------------------------------------- pieces
     def activations(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,21 +205,23 @@ class InPlaceTTTMLP(nn.Module):
         return self.act_fn(self.gate_proj(x)) * self.up_proj(x)
 
     def targets(self, t: torch.Tensor) -> torch.Tensor:
-        """V̂ = Conv(t) W_targetᵀ for ``t`` ``[B, S, D]`` with S a multiple of the chunk size;
-        the conv is zero-padded at every chunk edge."""
+        """V̂ = Conv(t) W_proj (W_proj untransposed, as the release; V̂ = Conv(t) with
+        ``proj=False``) for ``t`` ``[B, S, D]`` with S a multiple of the chunk size; the
+        conv is zero-padded at every chunk edge."""
         bsz, s, d = t.shape
         c = self.config.chunk_size
         chunks = t.reshape(bsz * (s // c), c, d).transpose(1, 2)
         conv = F.conv1d(chunks, self.ttt_conv, padding=self.config.conv_kernel // 2, groups=d)
-        return F.linear(conv.transpose(1, 2).reshape(bsz, s, d), self.ttt_target)
+        conv = conv.transpose(1, 2).reshape(bsz, s, d)
+        return conv if self.ttt_proj is None else torch.matmul(conv, self.ttt_proj.weight)
 
     def _target_source(self, x, embeddings):
-        if self.config.target == "mlp_input":
+        if self.config.target == "hidden_states":
             return x
         if embeddings is None and self._embedding_tap is not None:
             embeddings = self._embedding_tap.value
         if embeddings is None or embeddings.shape != x.shape:
-            raise ValueError(f"target='embeddings' needs embeddings shaped like the input "
+            raise ValueError(f"target='input_embed' needs embeddings shaped like the input "
                              f"{tuple(x.shape)}; got {None if embeddings is None else tuple(embeddings.shape)}")
         return embeddings
 
@@ -208,39 +249,83 @@ class InPlaceTTTMLP(nn.Module):
         if x.dim() != 3:
             raise ValueError(f"expected x of shape [batch, seq, hidden], got {tuple(x.shape)}")
         source = self._checked_target_source(x, embeddings, cu_seqlens, position_ids)
-        plan = self.plan(x.shape[1], cu_seqlens)
         if x.shape[1] == 0:  # every rank (the check above) has no tokens: nothing to scan
+            self.plan(0, cu_seqlens)
             return self.down_proj(self.activations(x))
         z = self.activations(x)
+        s, pad = x.shape[1], self._tail_padding(x.shape[1])
+        if pad:  # zero rows: no ΔW, and the conv sees zeros past the end, as the release
+            z, source = F.pad(z, (0, 0, 0, pad)), F.pad(source, (0, 0, 0, pad))
+            cu_seqlens = _extend_last_document(cu_seqlens, s + pad)
+        plan = self.plan(s + pad, cu_seqlens)
         v = self.targets(source)
-        return TTTApply.apply(z, v, self.down_proj.weight, self.down_proj.bias, self.ttt_eta, plan)
+        out = TTTApply.apply(z, v, self.down_proj.weight, self.down_proj.bias, self.ttt_eta, plan)
+        return out[:, :s] if pad else out
+
+    def _tail_padding(self, local_len: int) -> int:
+        """Rows that complete a trailing partial chunk on one process (0 under CP, where
+        the shard must already be whole chunks: pad the batch, see :func:`build_plan`).
+        The partial chunk's tokens use the weight of the chunks before them and its delta
+        feeds no later chunk, so the padding changes no real output."""
+        if resolve(self.group).size > 1:
+            return 0
+        return -local_len % self.config.chunk_size
 
     # ----------------------------------------------------------------------- streaming
     @torch.no_grad()
-    def prefill_state(self, x: torch.Tensor, *, embeddings=None) -> TTTState:
-        """The streaming state after a prefill run under CP: ``x`` is this rank's shard
-        ``[B, S_local, D]`` of a prompt of whole chunks, as given to :meth:`forward`. Every
-        rank gets the same state (Σ of every chunk's ΔW: the chunk sums are additive, so one
+    def prefill_state(self, x: torch.Tensor, *, embeddings=None, length: int | None = None) -> TTTState:
+        """The streaming state after a prefill: ``x`` is this rank's shard ``[B, S_local, D]``
+        of the prompt, as given to :meth:`forward` (on one process, any length). Every rank
+        gets the same state (Σ of the whole chunks' ΔW: the chunk sums are additive, so one
         all-reduce of a ``[B, D, F]`` carry), ready for :meth:`step` on the tokens that
-        follow, on any process."""
+        follow, on any process. ``length`` (the same on every rank): the prompt's real
+        length when the shards hold a prompt padded at its end (``shard_batch(...,
+        multiple_of=chunk_size)``); default all of it. The padding is left out, and the real
+        tokens of a trailing partial chunk become the state's open chunk (under CP one more
+        all-reduce, of ``[B, < C, D + F]``)."""
         topo = resolve(self.group)
         source = self._checked_target_source(x, embeddings, None)
-        self.plan(x.shape[1])  # checks that the shard is whole chunks
-        acc = acc_dtype(self.down_proj.weight.dtype)
-        z = self.activations(x)
-        v = self.targets(source)
-        c = self.config.chunk_size
-        with without_autocast(x.device.type):  # the carry stays in acc, also under autocast
-            if self.config.clip_tau is None:  # Σ_i V̂_iᵀ Z_i is one product over all rows
-                delta = torch.bmm(v.to(acc).transpose(1, 2), z.to(acc))
-            else:
-                delta = sum(chunk_delta(v[:, i:i + c].to(acc), z[:, i:i + c].to(acc), self.config.clip_tau)[0]
-                            for i in range(0, x.shape[1], c))
-        delta = delta.contiguous()
+        c, z = self.config.chunk_size, self.activations(x)
+        pad = self._tail_padding(x.shape[1])
+        self.plan(x.shape[1] + pad)  # under CP: checks that the shard is whole chunks
+        total = x.shape[1] * topo.size
+        length = total if length is None else length
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= total:
+            raise ValueError(f"length must be an int in [0, {total}] (the prompt's tokens), got {length!r}")
+        whole = length - length % c
+        if pad:
+            z, source = F.pad(z, (0, 0, 0, pad)), F.pad(source, (0, 0, 0, pad))
+        pos = self._positions(topo, z.shape[1], z.device)
+        delta = self._prompt_delta(source, z.masked_fill((pos >= whole).view(1, -1, 1), 0))
         for grp in (topo.ulysses, topo.ring):
             all_reduce(grp, delta)
-        return TTTState(delta, x.new_zeros(x.shape[0], 0, x.shape[2]),
-                        z.new_zeros(x.shape[0], 0, z.shape[2]), x.shape[1] * topo.size)
+        tail = (pos >= whole) & (pos < length)
+        t_buf, z_buf = (t.new_zeros(t.shape[0], length - whole, t.shape[2]) for t in (source, z))
+        t_buf[:, pos[tail] - whole], z_buf[:, pos[tail] - whole] = source[:, tail], z[:, tail]
+        if length > whole:  # the open chunk lives on one rank: sum it into every rank's
+            for buf in (t_buf, z_buf):
+                for grp in (topo.ulysses, topo.ring):
+                    all_reduce(grp, buf)
+        return TTTState(delta, t_buf, z_buf, length)
+
+    def _positions(self, topo, local_len: int, device) -> torch.Tensor:
+        """Global positions ``[S_local]`` of this rank's rows under the layer's layout."""
+        if topo.size == 1:
+            return torch.arange(local_len, device=device)
+        return ShardSpec.make(get_layout(self.config.layout), topo, local_len, None).positions(topo.rank, device)
+
+    def _prompt_delta(self, source: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Σ over this rank's chunks of ΔW_i ``[B, D, F]`` in the carry dtype (rows of ``z``
+        zeroed where they must not count); S a multiple of the chunk size."""
+        c, acc = self.config.chunk_size, acc_dtype(self.down_proj.weight.dtype)
+        v = self.targets(source)
+        with without_autocast(z.device.type):  # the carry stays in acc, also under autocast
+            if self.config.clip_tau is None:  # Σ_i V̂_iᵀ Z_i is one product over all rows
+                return torch.bmm(v.to(acc).transpose(1, 2), z.to(acc)).contiguous()
+            delta = z.new_zeros(z.shape[0], v.shape[2], z.shape[2], dtype=acc)
+            for i in range(0, z.shape[1], c):
+                delta += chunk_delta(v[:, i:i + c].to(acc), z[:, i:i + c].to(acc), self.config.clip_tau)[0]
+            return delta
 
     def _checked_target_source(self, x, embeddings, cu_seqlens, position_ids=None):
         """The target source, after the cross-rank agreement check (``check_args``,
@@ -299,3 +384,13 @@ class InPlaceTTTMLP(nn.Module):
         if not outs:  # no tokens: nothing to apply, the state as it was
             return z_all.new_zeros(bsz, 0, d), state
         return torch.cat(outs, 1), state
+
+
+def _extend_last_document(cu_seqlens, total: int):
+    """``cu_seqlens`` with its last boundary moved to ``total`` (padding joins the last
+    document, so no chunk of it resets); None stays None."""
+    if cu_seqlens is None:
+        return None
+    cu = torch.as_tensor(cu_seqlens).clone()
+    cu[-1] = total
+    return cu

@@ -12,7 +12,7 @@ import torch
 from ctxpar.dist.topology import CPTopology
 from ctxpar.scan import owners_of_runs
 from ctxpar.sequence.layouts import get_layout
-from ctxpar.sequence.spec import ShardSpec
+from ctxpar.sequence.spec import ShardSpec, cp_multiple
 
 __all__ = ["Block", "Plan", "build_plan", "chunk_resets"]
 
@@ -80,6 +80,16 @@ def chunk_resets(cu_seqlens, seq_len: int, chunk: int, start: int, n_chunks: int
 
 
 
+def _padding_hint(cfg, topo: CPTopology, seq_len: int) -> str:
+    """What global length a plain sequence needs, and how to get it padded."""
+    mult = cp_multiple(cfg.layout, topo.ring.size, topo.ulysses.size) * cfg.chunk_size
+    need = -(-seq_len // mult) * mult
+    return (f"; the global sequence of {seq_len} tokens must be a multiple of {mult}: pad it to "
+            f"{need} (ctxpar.shard_batch(..., multiple_of={cfg.chunk_size}) or "
+            f"ctxpar.pad_for_cp(..., multiple_of={cfg.chunk_size}) do; padding at the end "
+            "changes no real token's output)")
+
+
 def build_plan(cfg, topo: CPTopology, local_len: int, cu_seqlens=None) -> Plan:
     """This rank's blocks of chunks (one per run of consecutive tokens of its shard), with
     their reset flags; the chunk grid is that of the (padded) global sequence. ``cfg`` is
@@ -106,7 +116,8 @@ def build_plan(cfg, topo: CPTopology, local_len: int, cu_seqlens=None) -> Plan:
             "must start and end on chunk boundaries" + (
                 f" (packed {cfg.layout}: every document must pad to a multiple of "
                 f"{get_layout(cfg.layout).granularity(topo.size)} x {c} tokens)"
-                if cu_seqlens is not None and get_layout(cfg.layout).balances_documents else ""))
+                if cu_seqlens is not None and get_layout(cfg.layout).balances_documents else "")
+            + ("" if cu_seqlens is not None else _padding_hint(cfg, topo, spec.seq_len)))
     resets = None if cu_seqlens is None else tuple(starts) + (seq_len,)
     blocks, row = [], 0
     for (start, n), elem in zip(runs[topo.rank], held[topo.rank]):

@@ -18,25 +18,28 @@ def reference_resets(cu_seqlens, seq_len: int, chunk: int) -> list[bool]:
     """Chunk i resets iff some document start s (an entry of cu_seqlens except the last)
     satisfies i*chunk <= s < (i+1)*chunk."""
     starts = [int(s) for s in list(cu_seqlens)[:-1]]
-    n = seq_len // chunk
+    n = -(-seq_len // chunk)
     return [any(i * chunk <= s < (i + 1) * chunk for s in starts) for i in range(n)]
 
 
-def ttt_reference(x, *, w_gate, w_up, w_down, conv_weight, w_target, eta, chunk_size,
+def ttt_reference(x, *, w_gate, w_up, w_down, conv_weight, w_proj, eta, chunk_size,
                   target=None, act=F.silu, clip_tau=None, cu_seqlens=None, bias=None):
-    """x ``[B, S, D]`` (the MLP input); ``target`` ``[B, S, D]`` the target source (default
-    x); w_gate/w_up ``[F, D]``, w_down ``[D, F]``, conv_weight ``[D, 1, k]``, w_target
-    ``[D, D]``, eta a scalar. Returns ``[B, S, D]`` in float64."""
+    """x ``[B, S, D]`` (the MLP input, any S: a trailing partial chunk is applied and never
+    folded in); ``target`` ``[B, S, D]`` the target source (default x); w_gate/w_up
+    ``[F, D]``, w_down ``[D, F]``, conv_weight ``[D, 1, k]``, w_proj ``[D, D]`` used
+    untransposed, v = conv · w_proj (None: v = conv), eta a scalar. Returns ``[B, S, D]``
+    in float64."""
     f64 = torch.float64
     x = x.to(f64)
     t_src = x if target is None else target.to(f64)
     wg, wu, w0 = w_gate.to(f64), w_up.to(f64), w_down.to(f64)
-    kern, wt = conv_weight.to(f64)[:, 0, :], w_target.to(f64)
+    kern = conv_weight.to(f64)[:, 0, :]
+    wp = None if w_proj is None else w_proj.to(f64)
     eta = torch.as_tensor(eta).to(f64)
     b0 = None if bias is None else bias.to(f64)
     bsz, seq, _ = x.shape
     c, half = chunk_size, conv_weight.shape[-1] // 2
-    resets = reference_resets(cu_seqlens, seq, c) if cu_seqlens is not None else [False] * (seq // c)
+    resets = reference_resets(cu_seqlens, seq, c) if cu_seqlens is not None else [False] * -(-seq // c)
     outs = []
     for b in range(bsz):
         fast = w0
@@ -57,13 +60,14 @@ def ttt_reference(x, *, w_gate, w_up, w_down, conv_weight, w_target, eta, chunk_
             z = act(wg @ h) * (wu @ h)
             o = fast @ z  # apply
             rows.append(o if b0 is None else o + b0)
-            # Target: the conv sees tokens t-half .. t+half of the same chunk only.
+            # Target: the conv sees tokens t-half .. t+half of the same chunk only (zeros
+            # past the end of the sequence).
             conv = torch.zeros_like(h)
             for k in range(kern.shape[1]):
                 src = t + k - half
-                if i * c <= src < (i + 1) * c:
+                if i * c <= src < min((i + 1) * c, seq):
                     conv = conv + kern[:, k] * t_src[b, src]
-            v = wt @ conv
+            v = conv if wp is None else conv @ wp
             pending = pending + torch.outer(v, z)  # update, used from the next chunk on
         outs.append(torch.stack(rows))
     return torch.stack(outs)
@@ -83,7 +87,7 @@ def documents_reference(layer, x, grad_out, docs, clip_tau=None):
         xd = F.pad(x[:, a:e].double(), (0, 0, 0, -(e - a) % c)).requires_grad_(True)
         out = ttt_reference(xd, w_gate=p["gate_proj.weight"], w_up=p["up_proj.weight"],
                             w_down=p["down_proj.weight"], conv_weight=p["ttt_conv"],
-                            w_target=p["ttt_target"], eta=p["ttt_eta"], chunk_size=c,
+                            w_proj=p.get("ttt_proj.weight"), eta=p.get("ttt_eta", layer.ttt_eta), chunk_size=c,
                             clip_tau=clip_tau)[:, : e - a]
         (out * grad_out[:, a:e].double()).sum().backward()
         out_all[:, a:e], dx_all[:, a:e] = out.detach(), xd.grad[:, : e - a]
