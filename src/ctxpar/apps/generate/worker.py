@@ -77,26 +77,35 @@ def held_out_prompts(task, seed: int, count: int) -> Prompts:
     return Prompts(ids, mask, answers, lengths, task.chance)
 
 
-def _timed(fn: Callable[[], Any], sync: Callable[[], None]) -> tuple[Any, float]:
-    """``(fn(), seconds)``, all ranks starting together and the slowest one counted."""
+class _Clock:
+    """A ``transformers`` streamer that only notes the time of every ``put``: the prompt
+    (before the prefill), then each new token. Duck-typed (``put``/``end``) so that no
+    transformers import is needed here."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _run(call: Callable[..., Any], p: Prompts, new_tokens: int, sync: Callable[[], None]) -> dict:
+    """One greedy generation of ``new_tokens`` with ``call``, all ranks starting together;
+    returns the sequences ``[B, P + new_tokens]``, the cache, the prefill time (call to
+    first new token) and the decode rate (tokens after the first, over their time)."""
+    clock = _Clock()
     sync()
     t0 = time.perf_counter()
-    out = fn()
-    dt = time.perf_counter() - t0
-    return out, dt
-
-
-def _run_pair(call: Callable[..., Any], p: Prompts, new_tokens: int, sync) -> dict:
-    """Time a prefill (``max_new_tokens=1``) and a full generation with ``call``; returns
-    the sequences ``[B, P + new_tokens]``, both times, decode tokens/s and the cache."""
-    kw = dict(attention_mask=p.attention_mask, do_sample=False, pad_token_id=0,
-              eos_token_id=None, return_dict_in_generate=True)
-    _, prefill_s = _timed(lambda: call(p.input_ids, max_new_tokens=1, **kw), sync)
-    out, total_s = _timed(lambda: call(p.input_ids, max_new_tokens=new_tokens,
-                                       min_new_tokens=new_tokens, **kw), sync)
+    out = call(p.input_ids, attention_mask=p.attention_mask, do_sample=False, pad_token_id=0,
+               eos_token_id=None, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+               return_dict_in_generate=True, streamer=clock)
+    first, last = clock.times[1], clock.times[-1]
     decoded = p.input_ids.shape[0] * (new_tokens - 1)
-    return {"sequences": out.sequences, "cache": out.cache, "prefill_s": prefill_s,
-            "decode_tok_s": decoded / max(total_s - prefill_s, 1e-9)}
+    return {"sequences": out.sequences, "cache": out.cache, "prefill_s": first - t0,
+            "decode_tok_s": decoded / (last - first) if last > first else float("nan")}
 
 
 def _cache_bytes(cache) -> int:
@@ -109,7 +118,7 @@ def _reference(model, p: Prompts, cfg: GenerateConfig, cp_sequences: torch.Tenso
     """Rank 0: the same generation in this one process (SDPA, no ctxpar)."""
     ref = copy.deepcopy(model)
     ref.set_attn_implementation("sdpa")
-    got = _run_pair(ref.generate, p, cfg.new_tokens, lambda: None)
+    got = _run(ref.generate, p, cfg.new_tokens, lambda: None)
     differ = (got["sequences"] != cp_sequences).any(1)
     return {"prefill_s": got["prefill_s"], "decode_tok_s": got["decode_tok_s"],
             "kv_bytes": _cache_bytes(got["cache"]), "tokens_equal": not bool(differ.any()),
@@ -134,7 +143,7 @@ def generate_worker(cfg: GenerateConfig) -> dict | None:
     sync = functools.partial(all_reduce, grp, torch.zeros(1))
     call = functools.partial(generate, model, method=cfg.method, layout=cfg.layout)
     with torch.no_grad():
-        got = _run_pair(call, prompts, cfg.new_tokens, sync)
+        got = _run(call, prompts, cfg.new_tokens, sync)
     kv = all_gather(grp, torch.tensor([got["cache"].kv_bytes])).flatten().tolist()
     times = all_gather(grp, torch.tensor([got["prefill_s"], got["decode_tok_s"]],
                                          dtype=torch.float64))
