@@ -1,6 +1,7 @@
 """The rank side of ``ctxpar generate``: :func:`generate_worker` runs on every rank; it
-loads (or builds) the model, builds the held-out prompts, times a CP prefill and a CP
-generation, then rank 0 runs the same generation in one process and returns the metrics.
+loads (or builds) the model, builds the held-out prompts and times one CP generation
+(prefill, then decode), then rank 0 runs the same generation in one process (one thread,
+as each rank) and returns the metrics.
 
 Shapes: the prompts are ``input_ids``/``attention_mask`` ``[B, P]`` (left-padded, the same
 on every rank) and ``answers`` ``[B]``; generation returns ``[B, P + new_tokens]``.
@@ -129,9 +130,9 @@ def generate_worker(cfg: GenerateConfig) -> dict | None:
     """Runs on every rank; returns the metrics dict on rank 0 and None elsewhere."""
     import functools
 
+    from ctxpar.apps.train.saved import quiet_transformers
     from ctxpar.dist.collectives import all_gather, all_reduce
     from ctxpar.dist.topology import resolve
-    from ctxpar.apps.train.saved import quiet_transformers
     from ctxpar.integrations.transformers import generate, register
 
     warnings.filterwarnings("ignore", category=FutureWarning)
