@@ -135,3 +135,33 @@ def test_eos_stops_early_and_kv_bytes_per_rank(run_ranks, world, kind):
         # One token per layer: 2 (K and V) x Hkv 2 x head dim 8 x 4 bytes x 2 layers.
         per_token = 2 * 2 * 8 * 4 * 2
         assert abs(kv - whole / world) <= per_token, (kv, whole, world)
+
+
+class _RankBias:
+    """A logits processor that favours another token on each rank from the 3rd new token:
+    rank 1 picks the model's eos (2), and stops, unless the check catches it first."""
+
+    def __init__(self, prompt: int):
+        self.prompt = prompt
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] >= self.prompt + 2:
+            scores[:, 1 + torch.distributed.get_rank()] += 1e4
+        return scores
+
+
+def _diverging_ranks():
+    name = register("ctxpar_gen_diverge", layout="zigzag")
+    model = _model("llama", torch.float32, attn=name).eval()
+    ids, _ = _prompts([8])
+    procs = transformers.LogitsProcessorList([_RankBias(8)])
+    try:
+        generate(model, ids, max_new_tokens=6, pad_token_id=0, logits_processor=procs)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_ranks_that_diverge_during_decode_get_the_same_error(run_ranks):
+    errors = run_ranks(2, _diverging_ranks)
+    assert errors[0] == errors[1] and "new token checksum differs" in errors[0], errors
