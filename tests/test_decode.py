@@ -111,6 +111,52 @@ def test_continuation_prefill(run_ranks, world, layout, method):
             assert max(errs) < 1e-10, (new, cached, window, errs)
 
 
+def _decode_then_continue(layout: str, method: str, decoded: int):
+    """Prefill 4N tokens, decode ``decoded`` (kept round-robin: the shards now mix strides),
+    then a continuation prefill of the layout's multiple against that cache."""
+    topo = resolve(None)
+    cached, new = 4 * topo.size, ctxpar.sequence.spec.cp_multiple(layout, topo.size)
+    total = cached + decoded + new
+    q, k, v = _qkv(total, seed=4)
+    valid = torch.ones(B, total, dtype=torch.bool)
+    ref_out, ref_lse = _reference(q, k, v, [0, 0], (-1, -1))
+    opts = AttnOptions(True, (-1, -1), D ** -0.5, "auto")
+    shard = KVShard.empty(k, v, topo, layout)
+    _prefill(shard, layout, topo, q[:, :cached], k[:, :cached], v[:, :cached],
+             valid[:, :cached], 0, opts, "pass-kv")
+    for t in range(cached, cached + decoded):
+        shard.append_decode(k[:, t:t + 1], v[:, t:t + 1], topo)
+    part = slice(cached + decoded, total)
+    out, lse, slots = _prefill(shard, layout, topo, q[:, part], k[:, part], v[:, part],
+                               valid[:, part], cached + decoded, opts, method)
+    return _err(out, lse, ref_out[:, slots], ref_lse[:, :, slots], valid[:, slots])
+
+
+@pytest.mark.parametrize("world,layout", [(2, "striped"), (3, "zigzag")])
+@pytest.mark.parametrize("method", ["pass-kv", "pass-q"])
+def test_continuation_after_decode(run_ranks, world, layout, method):
+    errs = run_ranks(world, _decode_then_continue, layout, method, 2 * world + 1)
+    assert max(errs) < 1e-10, errs
+
+
+def test_prefill_tiles_need_no_dense_mask():
+    """A prefill shard's slots are a layout's segments: every tile is a band; only tiles
+    pairing runs of different spacing (decode tokens vs a prompt run) take a slot mask."""
+    from ctxpar.attn.slotplan import plan_slots, slot_segments
+
+    for layout in ("zigzag", "contiguous", "striped"):
+        spec = ctxpar.sequence.spec.ShardSpec(ctxpar.sequence.layouts.get_layout(layout), 4, 1, 64)
+        for r in range(4):
+            q = spec.positions(r)
+            assert len(slot_segments(q)) <= 2
+            for kr in range(4):
+                plan = plan_slots(q, spec.positions(kr), causal=True, window=(-1, -1))
+                assert not any(dense for _, dense in plan), (layout, r, kr)
+    keys = torch.cat([torch.arange(16), torch.arange(16, 40, 4)])  # prompt, then decode tokens
+    plan = plan_slots(torch.arange(40, 48), keys, causal=True, window=(-1, -1))
+    assert [dense for _, dense in plan] == [False, True]
+
+
 def test_auto_rule():
     # Tiny-model heads (Hq 4, Hkv 2, D 8), fp32: pass-Q at low new-token fractions.
     pick = lambda new, cached: choose_prefill(new, cached, 4, 2, 8, 4, 4)  # noqa: E731

@@ -101,3 +101,67 @@ def test_bad_input_same_error_everywhere(run_ranks, case, match):
     errors = run_ranks(2, _bad_call, case)
     assert errors[0] == errors[1], errors
     assert re.search(match, errors[0]), errors[0]
+
+
+def _eos_and_kv_bytes(kind: str, prompt: int, new: int):
+    """On every rank: the greedy single-process tokens; CP generate() stopped by an eos
+    that the reference emits at its 5th new token (every rank must stop there too); and
+    a full-length CP generate()'s KV bytes beside the single-process cache's."""
+    name = register("ctxpar_gen_eos", layout="zigzag")
+    ref = _model(kind, torch.float32).eval()
+    cp = copy.deepcopy(ref)
+    cp.set_attn_implementation(name)
+    ids, _ = _prompts([prompt], seed=9)
+    kw = dict(max_new_tokens=new, pad_token_id=0, return_dict_in_generate=True)
+    want = ref.generate(ids, min_new_tokens=new, eos_token_id=None, **kw)
+    new_tokens = want.sequences[0, prompt:].tolist()
+    eos = new_tokens[4]
+    stop = new_tokens.index(eos) + 1  # the first time the reference emits it
+    ref_stopped = ref.generate(ids, eos_token_id=eos, **kw).sequences
+    stopped = generate(cp, ids, eos_token_id=eos, **kw).sequences
+    full = generate(cp, ids, min_new_tokens=new, eos_token_id=None, **kw)
+    whole = sum(t.numel() * t.element_size() for layer in want.cache.layers
+                for t in (layer.keys, layer.values))
+    return (tuple(stopped.shape), tuple(ref_stopped.shape), stop,
+            bool(torch.equal(stopped, ref_stopped)), full.cache.kv_bytes, whole)
+
+
+@pytest.mark.parametrize("world,kind", [(2, "llama"), (3, "qwen3")])
+def test_eos_stops_early_and_kv_bytes_per_rank(run_ranks, world, kind):
+    prompt, new = 12 * world, 24
+    for stopped, ref_stopped, stop, same, kv, whole in run_ranks(world, _eos_and_kv_bytes, kind,
+                                                                 prompt, new):
+        assert same and stopped == ref_stopped == (1, prompt + stop) and stop < new
+        # One token per layer: 2 (K and V) x Hkv 2 x head dim 8 x 4 bytes x 2 layers.
+        per_token = 2 * 2 * 8 * 4 * 2
+        assert abs(kv - whole / world) <= per_token, (kv, whole, world)
+
+
+class _RankBias:
+    """A logits processor that favours another token on each rank from the 3rd new token:
+    rank 1 picks the model's eos (2), and stops, unless the check catches it first."""
+
+    def __init__(self, prompt: int):
+        self.prompt = prompt
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] >= self.prompt + 2:
+            scores[:, 1 + torch.distributed.get_rank()] += 1e4
+        return scores
+
+
+def _diverging_ranks():
+    name = register("ctxpar_gen_diverge", layout="zigzag")
+    model = _model("llama", torch.float32, attn=name).eval()
+    ids, _ = _prompts([8])
+    procs = transformers.LogitsProcessorList([_RankBias(8)])
+    try:
+        generate(model, ids, max_new_tokens=6, pad_token_id=0, logits_processor=procs)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_ranks_that_diverge_during_decode_get_the_same_error(run_ranks):
+    errors = run_ranks(2, _diverging_ranks)
+    assert errors[0] == errors[1] and "new token checksum differs" in errors[0], errors

@@ -1,4 +1,4 @@
-"""The ``ctxpar`` command line: ``ctxpar verify``, ``ctxpar train``, ``ctxpar bench``.
+"""The ``ctxpar`` command line: ``verify``, ``train``, ``generate`` and ``bench``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; they are imported only when chosen, so ``ctxpar --help`` is quick.
@@ -19,6 +19,8 @@ import sys
 SUBCOMMANDS = {
     "verify": ("ctxpar.apps.verify", "check every method and layout against the float64 reference"),
     "train": ("ctxpar.apps.train.run", "train a small long-context model with CP and compare with one process"),
+    "generate": ("ctxpar.apps.generate.run", "prefill held-out recall prompts under CP and decode "
+                                             "the answers; compare with one process"),
     "bench": ("ctxpar.apps.bench.run", "measure speed, communication and memory of every method"),
 }
 

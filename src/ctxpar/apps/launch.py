@@ -31,7 +31,7 @@ import traceback
 from typing import Any, Callable, Iterator
 
 __all__ = ["RankPool", "RankError", "RankTimeout", "Stopped", "stop_on_signals",
-           "under_torchrun", "run_job", "rank_device"]
+           "under_torchrun", "run_job", "run_command_job", "rank_device"]
 
 #: Signals that stop a launcher the way Ctrl-C does (see :func:`stop_on_signals`).
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -291,3 +291,22 @@ def run_job(fn: Callable[..., Any], *args, nproc: int = 2, device: str = "cpu",
         raise
     finally:
         pool.close()
+
+
+def run_command_job(command: str, fn: Callable[..., Any], *args, **kwargs) -> list[Any] | None:
+    """:func:`run_job` for ``ctxpar <command>``: the results, or None after printing one
+    line (and the failing ranks' tracebacks) to stderr when a rank failed or timed out.
+    Under torchrun this process is one rank: its own traceback is tagged with its rank."""
+    try:
+        return run_job(fn, *args, **kwargs)
+    except RankError as e:
+        print(f"ctxpar {command}: failed on rank(s) {sorted(e.failures)}; all ranks "
+              f"stopped\n{e}", file=sys.stderr)
+    except RankTimeout as e:
+        print(f"ctxpar {command}: timed out ({e}); all ranks stopped", file=sys.stderr)
+    except Exception:
+        if not under_torchrun():
+            raise
+        print(f"ctxpar {command}: rank {os.environ.get('RANK')} failed (torchrun stops the "
+              f"others):\n{traceback.format_exc()}", file=sys.stderr)
+    return None

@@ -27,8 +27,9 @@ import torch
 
 from ctxpar.attn.kernels import block_forward
 from ctxpar.attn.kvcache import KVShard, visibility
-from ctxpar.attn.merge import merge_into
+from ctxpar.attn.merge import OutputAccumulator, merge_into
 from ctxpar.attn.options import AttnOptions
+from ctxpar.attn.slotplan import plan_slots
 from ctxpar.attn.tiles import FULL
 from ctxpar.dist import collectives as comms
 from ctxpar.dist.topology import CPGroup, CPTopology
@@ -43,16 +44,28 @@ _NEG_INF = float("-inf")
 
 def shard_partial(q: torch.Tensor, q_slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   k_slots: torch.Tensor, k_valid: torch.Tensor, opts: AttnOptions):
-    """``(out, lse)`` of ``q`` against one shard's keys ``[B, Sk, Hkv, D]`` (``out`` in the
-    accumulation dtype); rows that see no key: ``out = 0``, ``lse = -inf``."""
-    b, sq, hq, _ = q.shape
-    cdt = acc_dtype(q.dtype)
-    vis = visibility(q_slots, k_slots, k_valid, causal=opts.causal, window=opts.window)
-    if k.shape[1] == 0 or not bool(vis.any()):
-        return (torch.zeros(b, sq, hq, v.shape[-1], dtype=cdt, device=q.device),
-                torch.full((b, hq, sq), _NEG_INF, dtype=cdt, device=q.device))
-    out, lse = block_forward(q, k, v, band=FULL, scale=opts.scale, backend=opts.backend, mask=vis)
-    return out.to(cdt), lse.to(cdt)
+    """``(out, lse)`` of ``q`` ``[B, Sq, Hq, D]`` against one shard's keys ``[B, Sk, Hkv, D]``
+    (``out`` in the accumulation dtype); rows that see no key: ``out = 0``, ``lse = -inf``.
+
+    Tiles from the slots (:func:`ctxpar.attn.slotplan.plan_slots`): band masks where the
+    slots are evenly spaced and every key of the tile is valid; a dense ``[B, m, n]`` slot
+    mask only for a tile with padded keys or of mixed spacing."""
+    acc = OutputAccumulator(q, v.shape[-1])
+    cdt = acc.out.dtype
+    for tile, dense in plan_slots(q_slots, k_slots, causal=opts.causal, window=opts.window):
+        rows, cols = slice(tile.q0, tile.q1), slice(tile.k0, tile.k1)
+        valid = k_valid[:, cols]
+        mask = None
+        if dense or not bool(valid.all()):
+            mask = visibility(q_slots[rows], k_slots[cols], valid, causal=opts.causal,
+                              window=opts.window)
+            if not bool(mask.any()):
+                continue
+        out, lse = block_forward(q[:, rows], k[:, cols], v[:, cols],
+                                 band=FULL if dense else tile.band, scale=opts.scale,
+                                 backend=opts.backend, mask=mask)
+        acc.add(tile, out.to(cdt), lse.to(cdt))
+    return acc.out, acc.lse
 
 
 def _pack(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:

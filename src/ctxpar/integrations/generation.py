@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
 from ctxpar.attn.decode import PREFILL_METHODS, decode_attention, prefill_attention
 from ctxpar.attn.kvcache import (KVShard, check_setup, group_signature, prefill_holder,
@@ -168,6 +169,24 @@ def _before_forward(cache: CPCache, module, args, kwargs: dict):
     return args, kwargs
 
 
+class _AgreeOnTokens(StoppingCriteria):
+    """A stopping criterion that never stops: after every token selection, the ranks must
+    hold the same new tokens ``[B]`` and caches in the same state (slots used), else the
+    same ValueError on every rank (e.g. a logits processor or sampler that differs between
+    ranks). It runs after the selection, so a rank that picked eos alone is caught before
+    it leaves. One small all-gather per new token, not per layer."""
+
+    def __init__(self, cache: CPCache):
+        self.cache = cache
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        fields = {"cache slots": self.cache.get_seq_length(),
+                  "new token checksum": _checksum(input_ids[:, -1])}
+        check_agree_on(self.cache.topo, fields, "ctxpar generate() new tokens",
+                       device=input_ids.device, shown=("cache slots",))
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def _after_forward(cache: CPCache, module, args, kwargs, output):
     """Forward hook: after a prefill, every rank gets the last prompt token's logits."""
     if cache.step.decode:
@@ -259,7 +278,8 @@ def generate(model, input_ids: torch.Tensor, *, group=None, method: str = "auto"
     ``attention_mask`` ``[B, S]``. Greedy search, sampling, ``max_new_tokens``,
     ``eos_token_id`` and logits processors work; beam search, assisted decoding, a user
     cache and attention/hidden-state outputs raise ValueError naming the option, as do
-    arguments that differ between ranks (on every rank)."""
+    arguments that differ between ranks, and new tokens that differ between ranks at any
+    step (checked after every token selection; the same error on every rank)."""
     _refuse_unsupported(model, generate_kwargs)
     if method not in PREFILL_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {PREFILL_METHODS}")
@@ -275,8 +295,11 @@ def generate(model, input_ids: torch.Tensor, *, group=None, method: str = "auto"
                                              with_kwargs=True),
              model.register_forward_hook(functools.partial(_after_forward, cache),
                                          with_kwargs=True)]
+    stops = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
+    stops.append(_AgreeOnTokens(cache))
     try:
-        out = model.generate(ids, attention_mask=mask, cache=cache, **generate_kwargs)
+        out = model.generate(ids, attention_mask=mask, cache=cache, stopping_criteria=stops,
+                             **generate_kwargs)
     finally:
         for hook in hooks:
             hook.remove()

@@ -38,6 +38,7 @@ class TrainConfig:
     progress: bool = True
     fail_rank: int = -1
     fail_step: int = -1
+    save_dir: str | None = None  # --out: rank 0 saves the trained model here (save_pretrained)
 
     @property
     def attn_method(self) -> str:
@@ -72,7 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-equivalence", dest="equivalence", action="store_false",
                    help="skip the single-process equivalence check")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--out", default=None, help="write metrics.json and loss_curve.png here")
+    p.add_argument("--out", default=None,
+                   help="write metrics.json, loss_curve.png and the trained model (Hugging Face "
+                        "save_pretrained, with ctxpar_task.json; without --ttt) here: "
+                        "`ctxpar generate --model DIR` loads it")
     p.add_argument("--timeout", type=float, default=3600.0,
                    help="seconds before a hung run is stopped")
     # Test-only: make one rank raise at one step.
@@ -148,4 +152,5 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         writable_dir(args.out, "train")
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if hasattr(args, f.name)}
-    return TrainConfig(**dict(given, hcp=tuple(args.hcp) if args.hcp else None))
+    return TrainConfig(**dict(given, hcp=tuple(args.hcp) if args.hcp else None,
+                              save_dir=args.out or None))

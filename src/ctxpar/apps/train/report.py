@@ -80,6 +80,10 @@ def summary(m: dict) -> str:
         ]
     else:
         lines.append("equivalence check: skipped (--no-equivalence)")
+    if m.get("saved"):
+        saved = m["saved"]
+        lines.append(f"model: {saved}" if saved.startswith("not saved") else
+                     f"model saved to {saved} (try: ctxpar generate --model {saved})")
     if "wall_s" in m:
         lines.append(f"wall time: {_duration(m['wall_s'])}")
     lines.append("=" * 72)

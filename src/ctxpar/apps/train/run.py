@@ -20,8 +20,6 @@ stops every rank with its traceback and a non-zero exit; so do Ctrl-C, SIGTERM a
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 from ctxpar.apps.train.config import TrainConfig, add_arguments, config_from_args
@@ -31,29 +29,15 @@ __all__ = ["TrainConfig", "add_arguments", "config_from_args", "run"]
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``ctxpar train``: launch the ranks, then print/write the report."""
-    from ctxpar.apps.launch import RankError, RankTimeout, run_job, under_torchrun
+    from ctxpar.apps.launch import run_command_job, under_torchrun
     from ctxpar.apps.train import report as train_report
     from ctxpar.apps.train.worker import train_worker  # imports torch: not for --help
 
     cfg = config_from_args(args)
     t0 = time.perf_counter()
-    try:
-        results = run_job(train_worker, cfg, nproc=cfg.nproc, device=cfg.device,
-                          timeout=args.timeout, threads=1)
-    except RankError as e:
-        print(f"ctxpar train: failed on rank(s) {sorted(e.failures)}; all ranks stopped\n{e}",
-              file=sys.stderr)
-        return 1
-    except RankTimeout as e:
-        print(f"ctxpar train: timed out ({e}); all ranks stopped", file=sys.stderr)
-        return 1
-    except Exception:  # under torchrun this process is one rank: tag its traceback
-        if not under_torchrun():
-            raise
-        import traceback
-
-        print(f"ctxpar train: rank {os.environ.get('RANK')} failed (torchrun stops the "
-              f"others):\n{traceback.format_exc()}", file=sys.stderr)
+    results = run_command_job("train", train_worker, cfg, nproc=cfg.nproc, device=cfg.device,
+                              timeout=args.timeout, threads=1)
+    if results is None:
         return 1
     metrics = results[0]
     if metrics is None:  # a non-zero rank under torchrun: rank 0 reports

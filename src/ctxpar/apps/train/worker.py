@@ -282,6 +282,21 @@ def evaluate(r: Rank) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 
+def save_model(r: Rank) -> str:
+    """Rank 0: the trained model and its task into ``cfg.save_dir``
+    (:mod:`ctxpar.apps.train.saved`); returns the folder, or why it was not saved."""
+    from ctxpar.apps.train.saved import save_trained
+
+    cfg = r.cfg
+    if cfg.ttt:
+        return "not saved (--ttt: the TTT layer is not a Hugging Face architecture)"
+    info = {"seq_len": cfg.seq_len, "n_keys": cfg.n_keys, "n_values": cfg.n_values,
+            "seed": cfg.seed, "steps": cfg.steps, "method": cfg.attn_method,
+            "layout": cfg.layout, "dtype": cfg.dtype}
+    save_trained(r.model, cfg.save_dir, info)
+    return cfg.save_dir
+
+
 def train_worker(cfg: TrainConfig) -> dict | None:
     """Runs on every rank; returns the metrics dict on rank 0 and None elsewhere."""
     r = setup(cfg)
@@ -291,7 +306,7 @@ def train_worker(cfg: TrainConfig) -> dict | None:
     if r.rank != 0:
         return None
     t = r.task
-    return {
+    return {"saved": save_model(r) if cfg.save_dir else "",
         "config": dataclasses.asdict(cfg), "world": r.world,
         "params": sum(p.numel() for p in r.params),
         "task": {"keys": t.n_keys, "values": t.n_values, "queries": t.queries,
