@@ -13,7 +13,10 @@ from hypothesis import strategies as st
 import ctxpar
 from ctxpar.attn import kernels
 from ctxpar.attn.merge import OutputAccumulator, merge_into
+from ctxpar.attn.dispatch import choose_method
 from ctxpar.attn.tiles import Band, Tile, split_band
+from ctxpar.dist.topology import CPGroup, CPTopology
+from ctxpar.sequence.spec import ShardSpec
 
 from _cases import TOL, compare_with_reference, make_qkv
 from test_packing import _packed_errors
@@ -177,3 +180,22 @@ def test_sub_tiled_windows_with_packed_documents(run_ranks, world, method):
                                               layout, causal, window, method)):
             bad = {k: e for k, e in errs.items() if not e <= 1e-10}
             assert not bad, f"rank {rank} {layout} causal={causal} window={window}: {bad}"
+
+
+# ------------------------------------------------------------------ method="auto"
+
+
+@pytest.mark.parametrize("layout, causal, window, expected", [
+    ("contiguous", True, (64, 0), "ring"),     # reaches the previous rank only: 2 of 4 steps
+    ("contiguous", True, (64, 9), "ring"),     # the right side is hidden by causality
+    ("contiguous", True, (200, 0), "ulysses"),  # reaches 4 ranks back: the ring is full
+    ("contiguous", False, (64, 9), "ulysses"),  # needs the next rank: the ring's last step
+    ("zigzag", True, (64, 0), "ulysses"),      # the second chunk needs the next rank
+    ("contiguous", True, (-1, -1), "ulysses"),  # no window: the usual rule
+])
+def test_auto_prefers_a_short_ring_for_windows(layout, causal, window, expected):
+    n, s = 4, 256
+    topo = CPTopology(CPGroup(None, 0, n), CPGroup(None, 0, 1))
+    spec = ShardSpec(layout, n, 1, s)
+    assert choose_method(topo, 8, 8, spec=spec, causal=causal, window=window) == expected
+    assert choose_method(topo, 8, 8) == "ulysses"  # without the token order: heads only

@@ -24,6 +24,7 @@ from ctxpar.attn.hybrid import hybrid_attention
 from ctxpar.attn.kernels import BACKENDS
 from ctxpar.attn.options import AttnOptions
 from ctxpar.attn.ring import ring_attention
+from ctxpar.attn.tiles import ring_steps
 from ctxpar.attn.ulysses import check_heads, kv_replication, ulysses_attention
 from ctxpar.dist.agreement import check_consistent_args
 from ctxpar.dist.topology import CPTopology, resolve
@@ -96,26 +97,38 @@ def _autocast_inputs(q, k, v):
                  for t in (q, k, v))
 
 
-def choose_method(topo: CPTopology, hq: int, hkv: int) -> str:
-    """The rule behind ``method="auto"``; it depends only on the mesh shape and the head
-    counts, so every rank picks the same method.
+def choose_method(topo: CPTopology, hq: int, hkv: int, *, spec: ShardSpec | None = None,
+                  causal: bool = False, window: tuple[int, int] = (-1, -1)) -> str:
+    """The rule behind ``method="auto"``; it depends only on the mesh shape, the head
+    counts and (for windows) the token order ``spec`` and the mask, which every rank
+    shares, so every rank picks the same method.
 
     1. ``"hybrid"`` when the group is a mesh with ``ring`` and ``ulysses`` axes.
     2. ``"ring"`` on a group of one rank (no communication at all, any method is the same).
-    3. ``"ulysses"`` when the N ranks split the query heads (``Hq % N == 0``) and the
+    3. ``"ring"`` when a sliding window keeps the ring short: some rank's window reaches
+       fewer than all N blocks (:func:`ctxpar.attn.tiles.ring_steps` ``< N``). Each rank
+       then receives ``steps - 1`` K/V blocks, where all-gather receives ``N - 1`` and
+       Ulysses all-to-alls the whole shard. With ``layout="contiguous"`` and a causal
+       window no longer than a shard that is one block whatever N, which is why
+       contiguous is the layout for windows (it balances a window by itself; zigzag's
+       second chunk needs the next rank's block, the last ring step, so its ring is full).
+    4. ``"ulysses"`` when the N ranks split the query heads (``Hq % N == 0``) and the
        all-to-alls move no more bytes than rotating K/V round the ring:
        ``Hq + Hkv' <= N·Hkv`` with ``Hkv' = lcm(Hkv, N)`` the replicated K/V heads (per rank,
        Ulysses sends ``(N-1)/N²·S·D·(2Hq + 2Hkv')`` in the forward, the ring
        ``(N-1)/N·S·D·2Hkv``). Always true for MHA. Ulysses is balanced for every layout
        and runs one fused kernel per rank.
-    4. ``"allgather"`` for GQA/MQA (``Hkv < Hq``), where K/V are small enough to gather
+    5. ``"allgather"`` for GQA/MQA (``Hkv < Hq``), where K/V are small enough to gather
        and keep (Llama-3's choice); its backward moves no K/V again.
-    5. ``"ring"`` otherwise (MHA with heads that do not split over N ranks).
+    6. ``"ring"`` otherwise (MHA with heads that do not split over N ranks).
     """
     if topo.is_mesh:
         return "hybrid"
     n = topo.size
     if n == 1:
+        return "ring"
+    if spec is not None and window != (-1, -1) and ring_steps(
+            spec.share, n, causal=causal, window=window) < n:
         return "ring"
     if hq % n == 0 and hq + hkv * kv_replication(hkv, n) <= n * hkv:
         return "ulysses"
@@ -187,8 +200,9 @@ def _prepare(cfg: AttentionConfig, q, k, v, group, scale, return_lse: bool, cu_s
              check_args: bool) -> tuple[str, CPTopology, ShardSpec, AttnOptions]:
     """Every check of one call, once: local shapes, then (before any method-specific check,
     so that a rank whose arguments differ fails together with its peers instead of alone,
-    which would hang them) the cross-rank agreement, then the method, the lengths against
-    the layout and topology (building the shard spec) and the scale."""
+    which would hang them) the cross-rank agreement, the scale, the lengths against the
+    layout and topology (building the shard spec, which ``"auto"`` reads for windows),
+    then the method."""
     check_qkv(q, k, v)
     topo = resolve(group)  # no communication; a mesh without the axes raises here
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -198,8 +212,8 @@ def _prepare(cfg: AttentionConfig, q, k, v, group, scale, return_lse: bool, cu_s
                               backend=cfg.backend, return_lse=return_lse, cu_seqlens=cu_seqlens)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite; got {scale}")
-    method = _check_method(cfg.method, topo, q.shape[2], k.shape[2])
     spec = ShardSpec.make(get_layout(cfg.layout), topo, q.shape[1], cu_seqlens)
+    method = _check_method(cfg, topo, q.shape[2], k.shape[2], spec)
     return method, topo, spec, AttnOptions(cfg.causal, cfg.window, scale, cfg.backend, return_lse)
 
 
@@ -207,10 +221,12 @@ _METHODS = {"ring": ring_attention, "allgather": allgather_attention,
             "ulysses": ulysses_attention, "hybrid": hybrid_attention}
 
 
-def _check_method(method: str, topo: CPTopology, hq: int, hkv: int) -> str:
+def _check_method(cfg: AttentionConfig, topo: CPTopology, hq: int, hkv: int, spec: ShardSpec) -> str:
     """The method to run (``"auto"`` resolved), after checking that it fits the group and
     the heads."""
-    method = choose_method(topo, hq, hkv) if method == "auto" else method
+    method = cfg.method
+    if method == "auto":
+        method = choose_method(topo, hq, hkv, spec=spec, causal=cfg.causal, window=cfg.window)
     if method == "hybrid" and not topo.is_mesh:
         raise ValueError(
             "method='hybrid' needs a DeviceMesh with axes ('ring', 'ulysses') as group=, "
