@@ -185,17 +185,20 @@ def test_sub_tiled_windows_with_packed_documents(run_ranks, world, method):
 # ------------------------------------------------------------------ method="auto"
 
 
-@pytest.mark.parametrize("layout, causal, window, expected", [
-    ("contiguous", True, (64, 0), "ring"),     # reaches the previous rank only: 2 of 4 steps
-    ("contiguous", True, (64, 9), "ring"),     # the right side is hidden by causality
-    ("contiguous", True, (200, 0), "ulysses"),  # reaches 4 ranks back: the ring is full
-    ("contiguous", False, (64, 9), "ulysses"),  # needs the next rank: the ring's last step
-    ("zigzag", True, (64, 0), "ulysses"),      # the second chunk needs the next rank
-    ("contiguous", True, (-1, -1), "ulysses"),  # no window: the usual rule
+@pytest.mark.parametrize("n, layout, causal, window, expected", [
+    (4, "contiguous", True, (64, 0), "ring"),       # reaches the previous rank only: 2 steps
+    (4, "contiguous", True, (64, 9), "ring"),       # the right side is hidden by causality
+    (3, "contiguous", True, (80, 0), "ring"),       # 2 steps of 3: 4 blocks, all-gather 4
+    (4, "contiguous", True, (200, 0), "allgather"),  # 3 steps of 4: 7 blocks, all-gather 6
+    (4, "contiguous", False, (64, 9), "allgather"),  # needs the next rank: the ring's last step
+    (4, "zigzag", True, (64, 0), "allgather"),      # the second chunk needs the next rank
+    (4, "contiguous", True, (-1, -1), "allgather"),  # no window: the usual rule
 ])
-def test_auto_prefers_a_short_ring_for_windows(layout, causal, window, expected):
-    n, s = 4, 256
+def test_auto_prefers_a_short_ring_for_windows_over_allgather(n, layout, causal, window, expected):
+    s = 128 * n  # shards of 128 tokens
     topo = CPTopology(CPGroup(None, 0, n), CPGroup(None, 0, 1))
     spec = ShardSpec(layout, n, 1, s)
-    assert choose_method(topo, 8, 8, spec=spec, causal=causal, window=window) == expected
-    assert choose_method(topo, 8, 8) == "ulysses"  # without the token order: heads only
+    assert choose_method(topo, 8, 2, spec=spec, causal=causal, window=window) == expected
+    assert choose_method(topo, 8, 2) == "allgather"  # without the token order: heads only
+    # MHA keeps Ulysses: its all-to-alls move 4(N-1)/N blocks, a short ring 4.
+    assert choose_method(topo, 12, 12, spec=spec, causal=causal, window=window) == "ulysses"
