@@ -156,11 +156,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
             docstring and :func:`choose_method`).
         layout: "contiguous", "zigzag" or "striped": how the global sequence was sharded.
             On a mesh: the layout's chunking over the ring axis, then a contiguous split
-            within the Ulysses group (see ``ctxpar.sequence.layouts``).
+            within the Ulysses group (see ``ctxpar.sequence.layouts``). With a sliding
+            window use "contiguous": a window balances it by itself, and the ring then
+            needs only the blocks the window reaches (see :func:`choose_method`).
         causal: causal masking by *global* position.
         scale: softmax scale, default ``D ** -0.5``.
         window: ``(left, right)`` sliding window by global position, flash-attn
-            convention; ``(-1, -1)`` is none.
+            convention; ``(-1, -1)`` is none. Computed in sub-tiles: about
+            ``S·(left + right + 256)`` query-key pairs on CPU, not ``S²``
+            (``ctxpar.attn.tiles.split_band``).
         return_lse: also return the log-sum-exp.
         backend: local kernel backend, see ``ctxpar.attn.kernels``.
         cu_seqlens: packed documents: the *original* global int32 boundaries
