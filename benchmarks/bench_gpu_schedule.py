@@ -17,9 +17,9 @@ import json
 import torch
 
 from ctxpar.dist.topology import CPGroup
-from ctxpar.attn.kernels import block_backward, block_forward
 from ctxpar.attn.merge import OutputAccumulator
-from ctxpar.sequence.layouts import shard
+from ctxpar.attn.tiled import backward_tiles, forward_tiles
+from ctxpar.sequence.sharding import shard
 from ctxpar.attn.tiles import plan_tiles
 
 
@@ -69,14 +69,12 @@ def main(argv=None):
 
     def fwd_all():
         for r in range(N):
-            acc = OutputAccumulator(qs[r], D, plans[r][0][0] if plans[r][0] else None)
+            acc = OutputAccumulator(qs[r], D)
             for s in range(N):
                 src = (r - s) % N
-                for t in plans[r][s]:
-                    o, l = block_forward(qs[r][:, t.q0:t.q1], ks[src][:, t.k0:t.k1], vs[src][:, t.k0:t.k1],
-                                         band=t.band, scale=scale)
-                    acc.add(t, o, l)
-            outs[r], lses[r] = acc.out.to(dt), acc.lse
+                forward_tiles(acc, qs[r], ks[src], vs[src], plans[r][s], scale=scale, backend="auto")
+            out, lses[r] = acc.result()
+            outs[r] = out.to(dt)
 
     def bwd_all():
         for r in range(N):
@@ -84,14 +82,8 @@ def main(argv=None):
             for s in range(N):
                 src = (r - s) % N
                 dkv = torch.zeros((2, *ks[src].shape), device=dev, dtype=torch.float32)
-                for t in plans[r][s]:
-                    gq, gk, gv = block_backward(dos[r][:, t.q0:t.q1], qs[r][:, t.q0:t.q1],
-                                                ks[src][:, t.k0:t.k1], vs[src][:, t.k0:t.k1],
-                                                outs[r][:, t.q0:t.q1], lses[r][:, :, t.q0:t.q1],
-                                                band=t.band, scale=scale, upcast=False)
-                    dq[:, t.q0:t.q1] += gq
-                    dkv[0][:, t.k0:t.k1] += gk
-                    dkv[1][:, t.k0:t.k1] += gv
+                backward_tiles((dq, dkv[0], dkv[1]), dos[r], qs[r], ks[src], vs[src], outs[r], lses[r],
+                               plans[r][s], scale=scale, backend="auto", upcast=False)
 
     qt, kt, vt = [x.transpose(1, 2) for x in (q, k, v)]
     qg = qt.detach().requires_grad_()

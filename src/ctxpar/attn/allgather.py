@@ -28,27 +28,27 @@ from __future__ import annotations
 
 import torch
 
-from ctxpar.attn.kernels import block_backward, block_forward, refuse_double_backward
+from ctxpar.attn.kernels import refuse_double_backward, sub_tile_rows
 from ctxpar.attn.merge import OutputAccumulator
 from ctxpar.attn.options import AttnOptions
+from ctxpar.attn.tiled import backward_tiles, forward_tiles
 from ctxpar.attn.tiles import plan_segments
 from ctxpar.dist import collectives as comms
 from ctxpar.dist.topology import CPGroup, CPTopology
 from ctxpar.numerics import acc_dtype
-from ctxpar.observe.counters import record_compute
 from ctxpar.sequence.spec import ShardSpec
 
 __all__ = ["allgather_attention"]
 
 
-def _plans(grp: CPGroup, spec: ShardSpec, causal: bool, window):
+def _plans(grp: CPGroup, spec: ShardSpec, causal: bool, window, sub: int):
     """``[(src, tiles)]`` for every source rank with work, this rank's own block first."""
     order = [grp.rank] + [s for s in range(grp.size) if s != grp.rank]
     plans = []
     mine = spec.share(grp.rank)
     for src in order:
         tiles = plan_segments(mine, spec.share(src), causal=causal, window=window,
-                              diagonal=src == grp.rank)
+                              diagonal=src == grp.rank, sub=sub)
         if tiles:
             plans.append((src, tiles))
     return plans
@@ -58,10 +58,10 @@ class _AllGatherAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, grp: CPGroup, spec: ShardSpec, causal: bool, window, scale: float,
                 backend: str):
-        plans = _plans(grp, spec, causal, window)
+        plans = _plans(grp, spec, causal, window, sub_tile_rows(q.device))
         local = torch.stack([k, v])  # [2, B, Sl, Hkv, D]: one collective for K and V
         gathered, work = comms.all_gather(grp, local, async_op=True)  # [N, 2, B, Sl, Hkv, D]
-        acc = OutputAccumulator(q, v.shape[-1], plans[0][1][0] if plans and plans[0][1] else None)
+        acc = OutputAccumulator(q, v.shape[-1])
         waited = False
         for src, tiles in plans:
             if src == grp.rank:
@@ -71,14 +71,11 @@ class _AllGatherAttention(torch.autograd.Function):
                     work.wait()
                     waited = True
                 kv = gathered[src]
-            for t in tiles:
-                record_compute("block_fwd", t.score_elements)
-                o_b, l_b = block_forward(q[:, t.q0:t.q1], kv[0, :, t.k0:t.k1], kv[1, :, t.k0:t.k1],
-                                         band=t.band, scale=scale, backend=backend)
-                acc.add(t, o_b, l_b)
+            forward_tiles(acc, q, kv[0], kv[1], tiles, scale=scale, backend=backend)
         if not waited:
             work.wait()  # nothing needed the other blocks (e.g. contiguous rank 0, causal)
-        out, lse = acc.out.to(q.dtype), acc.lse
+        out, lse = acc.result()
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, gathered, out, lse)
         ctx.grp, ctx.plans, ctx.scale, ctx.backend = grp, plans, scale, backend
         ctx.kv_dtypes = (k.dtype, v.dtype)
@@ -95,15 +92,8 @@ class _AllGatherAttention(torch.autograd.Function):
         dkv = torch.zeros(gathered.shape, dtype=cdt, device=q.device)  # every rank's block
         for src, tiles in ctx.plans:
             kv = gathered[src]
-            for t in tiles:
-                record_compute("block_bwd", t.score_elements)
-                gq, gk, gv = block_backward(
-                    dout[:, t.q0:t.q1], q[:, t.q0:t.q1], kv[0, :, t.k0:t.k1], kv[1, :, t.k0:t.k1],
-                    out[:, t.q0:t.q1], lse[:, :, t.q0:t.q1], band=t.band, scale=ctx.scale,
-                    backend=ctx.backend)
-                dq[:, t.q0:t.q1] += gq
-                dkv[src, 0, :, t.k0:t.k1] += gk
-                dkv[src, 1, :, t.k0:t.k1] += gv
+            backward_tiles((dq, dkv[src, 0], dkv[src, 1]), dout, q, kv[0], kv[1], out, lse, tiles,
+                           scale=ctx.scale, backend=ctx.backend)
         mine = comms.reduce_scatter(ctx.grp, dkv)  # [2, B, Sl, Hkv, D], summed over ranks
         kd, vd = ctx.kv_dtypes
         return dq.to(q.dtype), mine[0].to(kd), mine[1].to(vd), None, None, None, None, None, None

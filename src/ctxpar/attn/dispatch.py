@@ -24,6 +24,7 @@ from ctxpar.attn.hybrid import hybrid_attention
 from ctxpar.attn.kernels import BACKENDS
 from ctxpar.attn.options import AttnOptions
 from ctxpar.attn.ring import ring_attention
+from ctxpar.attn.tiles import ring_steps
 from ctxpar.attn.ulysses import check_heads, kv_replication, ulysses_attention
 from ctxpar.dist.agreement import check_consistent_args
 from ctxpar.dist.topology import CPTopology, resolve
@@ -96,9 +97,11 @@ def _autocast_inputs(q, k, v):
                  for t in (q, k, v))
 
 
-def choose_method(topo: CPTopology, hq: int, hkv: int) -> str:
-    """The rule behind ``method="auto"``; it depends only on the mesh shape and the head
-    counts, so every rank picks the same method.
+def choose_method(topo: CPTopology, hq: int, hkv: int, *, spec: ShardSpec | None = None,
+                  causal: bool = False, window: tuple[int, int] = (-1, -1)) -> str:
+    """The rule behind ``method="auto"``; it depends only on the mesh shape, the head
+    counts and (for windows) the token order ``spec`` and the mask, which every rank
+    shares, so every rank picks the same method.
 
     1. ``"hybrid"`` when the group is a mesh with ``ring`` and ``ulysses`` axes.
     2. ``"ring"`` on a group of one rank (no communication at all, any method is the same).
@@ -109,7 +112,14 @@ def choose_method(topo: CPTopology, hq: int, hkv: int) -> str:
        ``(N-1)/N·S·D·2Hkv``). Always true for MHA. Ulysses is balanced for every layout
        and runs one fused kernel per rank.
     4. ``"allgather"`` for GQA/MQA (``Hkv < Hq``), where K/V are small enough to gather
-       and keep (Llama-3's choice); its backward moves no K/V again.
+       and keep (Llama-3's choice); its backward moves no K/V again. Unless a sliding
+       window keeps the ring short: with ``steps`` = :func:`ctxpar.attn.tiles.ring_steps`
+       (1 + how many ranks back any window reaches), a ring rank receives ``2(steps-1)``
+       K/V blocks and ``steps`` fp32 dK/dV partial sums per fwd+bwd, all-gather
+       ``N - 1`` of each; ``"ring"`` when ``3·steps - 2 <= 2(N - 1)`` (counting fp32
+       blocks alike). A causal window no longer than a shard, on the contiguous layout,
+       has ``steps = 2`` whatever N; on zigzag the second chunk needs the *next* rank's
+       block, the ring's last step, so ``steps = N`` (see the README on windows).
     5. ``"ring"`` otherwise (MHA with heads that do not split over N ranks).
     """
     if topo.is_mesh:
@@ -120,7 +130,9 @@ def choose_method(topo: CPTopology, hq: int, hkv: int) -> str:
     if hq % n == 0 and hq + hkv * kv_replication(hkv, n) <= n * hkv:
         return "ulysses"
     if hkv < hq:
-        return "allgather"
+        short = spec is not None and window != (-1, -1) and 3 * ring_steps(
+            spec.share, n, causal=causal, window=window) - 2 <= 2 * (n - 1)
+        return "ring" if short else "allgather"
     return "ring"
 
 
@@ -144,11 +156,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
             docstring and :func:`choose_method`).
         layout: "contiguous", "zigzag" or "striped": how the global sequence was sharded.
             On a mesh: the layout's chunking over the ring axis, then a contiguous split
-            within the Ulysses group (see ``ctxpar.sequence.layouts``).
+            within the Ulysses group (see ``ctxpar.sequence.layouts``). With a sliding
+            window use "contiguous": a window balances it by itself, and the ring then
+            needs only the blocks the window reaches (see :func:`choose_method`).
         causal: causal masking by *global* position.
         scale: softmax scale, default ``D ** -0.5``.
         window: ``(left, right)`` sliding window by global position, flash-attn
-            convention; ``(-1, -1)`` is none.
+            convention; ``(-1, -1)`` is none. Computed in sub-tiles: about
+            ``S·(left + right + 256)`` query-key pairs on CPU, not ``S²``
+            (``ctxpar.attn.tiles.split_band``).
         return_lse: also return the log-sum-exp.
         backend: local kernel backend, see ``ctxpar.attn.kernels``.
         cu_seqlens: packed documents: the *original* global int32 boundaries
@@ -187,8 +203,9 @@ def _prepare(cfg: AttentionConfig, q, k, v, group, scale, return_lse: bool, cu_s
              check_args: bool) -> tuple[str, CPTopology, ShardSpec, AttnOptions]:
     """Every check of one call, once: local shapes, then (before any method-specific check,
     so that a rank whose arguments differ fails together with its peers instead of alone,
-    which would hang them) the cross-rank agreement, then the method, the lengths against
-    the layout and topology (building the shard spec) and the scale."""
+    which would hang them) the cross-rank agreement, the scale, the lengths against the
+    layout and topology (building the shard spec, which ``"auto"`` reads for windows),
+    then the method."""
     check_qkv(q, k, v)
     topo = resolve(group)  # no communication; a mesh without the axes raises here
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -198,8 +215,8 @@ def _prepare(cfg: AttentionConfig, q, k, v, group, scale, return_lse: bool, cu_s
                               backend=cfg.backend, return_lse=return_lse, cu_seqlens=cu_seqlens)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite; got {scale}")
-    method = _check_method(cfg.method, topo, q.shape[2], k.shape[2])
     spec = ShardSpec.make(get_layout(cfg.layout), topo, q.shape[1], cu_seqlens)
+    method = _check_method(cfg, topo, q.shape[2], k.shape[2], spec)
     return method, topo, spec, AttnOptions(cfg.causal, cfg.window, scale, cfg.backend, return_lse)
 
 
@@ -207,10 +224,12 @@ _METHODS = {"ring": ring_attention, "allgather": allgather_attention,
             "ulysses": ulysses_attention, "hybrid": hybrid_attention}
 
 
-def _check_method(method: str, topo: CPTopology, hq: int, hkv: int) -> str:
+def _check_method(cfg: AttentionConfig, topo: CPTopology, hq: int, hkv: int, spec: ShardSpec) -> str:
     """The method to run (``"auto"`` resolved), after checking that it fits the group and
     the heads."""
-    method = choose_method(topo, hq, hkv) if method == "auto" else method
+    method = cfg.method
+    if method == "auto":
+        method = choose_method(topo, hq, hkv, spec=spec, causal=cfg.causal, window=cfg.window)
     if method == "hybrid" and not topo.is_mesh:
         raise ValueError(
             "method='hybrid' needs a DeviceMesh with axes ('ring', 'ulysses') as group=, "

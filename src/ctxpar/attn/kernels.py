@@ -22,6 +22,8 @@ Backends (``backend="auto"`` picks the first that applies):
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ctxpar.attn import kernels_cuda
@@ -29,7 +31,7 @@ from ctxpar.attn.tiles import Band
 from ctxpar.numerics import acc_dtype
 
 __all__ = ["block_forward", "block_backward", "BACKENDS", "pick_backend", "refuse_double_backward",
-           "saved_block_state"]
+           "saved_block_state", "sub_tile_rows"]
 
 BACKENDS = ("auto", "cpu_flash", "cuda_flash", "cuda_efficient", "math")
 _NEG_INF = float("-inf")
@@ -61,6 +63,19 @@ def pick_backend(q: torch.Tensor, backend: str = "auto", keys: int | None = None
     return "math"
 
 
+# Query rows per sub-tile of a sliding window (``ctxpar.attn.tiles.split_band``): edge
+# sub-tiles evaluate about ``rows * sub`` pairs beyond the window, and every sub-tile is
+# one more kernel call and merge. On CPU (one thread, D=32) 256 was fastest at windows
+# 256 and 4096 (``benchmarks/bench_windows.py --subs``); on CUDA launches cost more and
+# the fused kernels like larger blocks: 512 is a guess not yet measured.
+SUB_TILE_ROWS = {"cpu": 256}
+
+
+def sub_tile_rows(device: torch.device) -> int:
+    """The sub-tile size (query rows) that windowed tiles are cut into on ``device``."""
+    return SUB_TILE_ROWS.get(device.type, 512)
+
+
 def _bhsd(x: torch.Tensor) -> torch.Tensor:
     # [B, S, H, D] -> [B, H, S, D] as a view: the fused kernels read through strides.
     return x.transpose(1, 2)
@@ -82,16 +97,34 @@ def _fold_heads(g: torch.Tensor, hkv: int) -> torch.Tensor:
     return g.view(b, hkv, hq // hkv, s, d).sum(2)
 
 
-def _visibility(band: Band, mask: torch.Tensor | None, lq: int, lk: int, device):
-    """Boolean [lq, lk] visibility from a band and an optional extra mask; None if full."""
-    if mask is None:
-        return None if band.is_full else band.dense(lq, lk, device)
-    return mask if band.is_full else mask & band.dense(lq, lk, device)
-
-
 def _additive(vis: torch.Tensor, dtype) -> torch.Tensor:
     """The fused kernels take masks as additive biases of the input dtype."""
     return torch.zeros(vis.shape, dtype=dtype, device=vis.device).masked_fill_(~vis, _NEG_INF)
+
+
+def _dense_masks(vis: torch.Tensor, dtype):
+    return vis, _additive(vis, dtype), bool(vis.any(-1).all())  # [Sq, Sk] or per row [B, Sq, Sk]
+
+
+# Sub-tiles of a window repeat a handful of (band, shape) pairs thousands of times per call:
+# their masks are built once. Only sub-tile-sized masks are kept (up to 512 x 1024, 2.5 MB
+# in fp32 with the boolean one), so the cache stays small; the tensors are only ever read.
+_CACHED_MASK_ELEMENTS = 1 << 19
+_band_masks = functools.lru_cache(maxsize=32)(
+    lambda band, lq, lk, device, dtype: _dense_masks(band.dense(lq, lk, device), dtype))
+
+
+def _masks(band: Band, mask: torch.Tensor | None, lq: int, lk: int, q: torch.Tensor):
+    """``(visibility [lq, lk] bool, additive bias in q's dtype, every row sees a key)`` of a
+    band and an optional extra boolean mask; ``(None, None, True)`` when all is visible."""
+    if mask is None and band.is_full:
+        return None, None, True
+    if mask is None and lq * lk <= _CACHED_MASK_ELEMENTS:
+        return _band_masks(band, lq, lk, q.device, q.dtype)
+    if band.is_full:
+        return _dense_masks(mask, q.dtype)
+    vis = band.dense(lq, lk, q.device)
+    return _dense_masks(vis if mask is None else mask & vis, q.dtype)
 
 
 def _causal_shift(band: Band) -> int | None:
@@ -134,7 +167,7 @@ def block_forward(q, k, v, *, band: Band, scale: float, backend: str = "auto",
     b, lq, hq, d = q.shape
     lk = k.shape[1]
     if mask is not None:
-        return _masked_forward(q, k, v, band, mask, scale, backend)
+        return _fused_or_math_forward(q, k, v, _masks(band, mask, lq, lk, q), False, scale, backend)
     shift = _causal_shift(band)
     if shift is not None and shift > 0:
         # Rows i < shift see nothing; row i >= shift sees keys j <= i - shift, i.e. plain
@@ -152,27 +185,21 @@ def block_forward(q, k, v, *, band: Band, scale: float, backend: str = "auto",
     # The fused kernels take causality as a flag (top-left aligned, so only for square
     # blocks); every other band becomes a dense mask.
     is_causal = band.lo == 0 and band.hi is None and lq == lk
-    vis = None if is_causal and backend != "math" else _visibility(band, None, lq, lk, q.device)
-    return _fused_or_math_forward(q, k, v, vis, is_causal and vis is None, scale, backend)
+    flag = is_causal and backend != "math"
+    masks = (None, None, True) if flag else _masks(band, None, lq, lk, q)
+    return _fused_or_math_forward(q, k, v, masks, flag, scale, backend)
 
 
-def _masked_forward(q, k, v, band, mask, scale, backend):
-    return _fused_or_math_forward(q, k, v, _visibility(band, mask, q.shape[1], k.shape[1], q.device),
-                                  False, scale, backend)
-
-
-def _fused_or_math_forward(q, k, v, vis, is_causal, scale, backend):
+def _fused_or_math_forward(q, k, v, masks, is_causal, scale, backend):
     hq = q.shape[2]
+    vis, mask, every_row = masks
     if backend == "math":
         return _math_forward(q, k, v, vis, scale)
     if backend == "cuda_flash" and vis is None:
         return kernels_cuda.flash_forward(q, k, v, is_causal, scale)
     qt, kt, vt = _bhsd(q), _expand_heads(_bhsd(k), hq), _expand_heads(_bhsd(v), hq)
-    mask = None if vis is None else _additive(vis, q.dtype)
     if mask is not None and mask.dim() == 3:  # per-row mask [B, Sq, Sk] -> [B, 1, Sq, Sk]
         mask = mask[:, None]
-    # [Sq] for a shared mask, [B, 1, Sq] for a per-row one: broadcasts against lse [B, H, Sq].
-    has_key = None if vis is None else (vis.any(-1) if vis.dim() == 2 else vis.any(-1)[:, None])
     if backend == "cpu_flash":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qt, kt, vt, 0.0, is_causal, attn_mask=mask, scale=scale)
@@ -181,9 +208,11 @@ def _fused_or_math_forward(q, k, v, vis, is_causal, scale, backend):
     else:
         raise ValueError(f"backend {backend!r} cannot run on {q.device}")
     lse = lse.to(acc_dtype(q.dtype))
-    if has_key is not None and not bool(has_key.all()):
+    if not every_row:
         # Fused kernels report lse = 0 for rows whose keys are all masked; make them -inf
-        # so the merge gives them zero weight.
+        # so the merge gives them zero weight. [Sq] for a shared mask, [B, 1, Sq] for a
+        # per-row one: broadcasts against lse [B, H, Sq].
+        has_key = vis.any(-1) if vis.dim() == 2 else vis.any(-1)[:, None]
         lse = lse.masked_fill(~has_key, _NEG_INF)
         out = out.masked_fill(~has_key[..., None], 0.0)
     return out.transpose(1, 2), lse
@@ -244,12 +273,11 @@ def block_backward(dout, q, k, v, out, lse, *, band: Band, scale: float, backend
     lse = lse.masked_fill(lse == _NEG_INF, float("inf"))
     is_causal = mask is None and band.lo == 0 and band.hi is None and lq == lk
     if backend == "math":
-        return _math_backward(dout, q, k, v, out, lse, _visibility(band, mask, lq, lk, q.device), scale)
-    vis = None if is_causal else _visibility(band, mask, lq, lk, q.device)
+        return _math_backward(dout, q, k, v, out, lse, _masks(band, mask, lq, lk, q)[0], scale)
+    vis, mask, _ = (None, None, True) if is_causal else _masks(band, mask, lq, lk, q)
     if backend == "cuda_flash" and vis is None:
         dq, dk, dv = kernels_cuda.flash_backward(dout, q, k, v, out, lse, is_causal, scale)
         return (dq.to(cdt), dk.to(cdt), dv.to(cdt)) if upcast else (dq, dk, dv)
-    mask = None if vis is None else _additive(vis, q.dtype)
     qt, kt, vt = _bhsd(q), _expand_heads(_bhsd(k), hq), _expand_heads(_bhsd(v), hq)
     if backend == "cpu_flash":
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(

@@ -1,10 +1,12 @@
 """Merging partial attention results with the log-sum-exp rule: :func:`merge_into` and the
-running :class:`OutputAccumulator` the ring and all-gather methods fold block results into.
+running :class:`OutputAccumulator` every method folds its tile results into.
 
 Shapes: ``out`` ``[B, S, H, D]`` and ``lse`` ``[B, H, S]``, accumulated in fp32 (fp64 for
 fp64 inputs). A row that has seen no key keeps ``lse = -inf`` and ``out = 0``.
 """
 from __future__ import annotations
+
+import bisect
 
 import torch
 
@@ -13,7 +15,6 @@ from ctxpar.numerics import acc_dtype
 __all__ = ["merge_into", "OutputAccumulator"]
 
 _NEG_INF = float("-inf")
-
 
 
 def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_b: torch.Tensor,
@@ -34,31 +35,57 @@ def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_b: torch.Tensor
 
 
 class OutputAccumulator:
-    """Running ``out [B, S, H, D]`` and ``lse [B, H, S]`` (fp32/fp64) that block results are
-    merged into (:func:`merge_into`). When the first block added covers every query row
-    (the diagonal block of every balanced layout) it is copied in: no zero/-inf fill and
-    no merge pass for it, one of N merges saved per call."""
+    """Running ``out [B, S, H, D]`` and ``lse [B, H, S]`` (fp32/fp64) that tile results are
+    merged into (:func:`merge_into`), then read with :meth:`result`.
 
-    def __init__(self, q: torch.Tensor, head_dim_v: int, first_tile=None):
+    Rows no tile has reached yet are *fresh*. A tile whose rows are all fresh is copied in
+    (no zero/-inf fill, no merge pass): the diagonal block of a balanced layout, and the
+    first sub-tile of every row block of a window. A tile that also reaches merged rows
+    fills its fresh ones and merges; :meth:`result` fills rows no tile reached. Every
+    copy and merge touches only the tile's rows, so a plan of many small sub-tiles costs
+    passes over their rows, never over the whole output."""
+
+    def __init__(self, q: torch.Tensor, head_dim_v: int):
         b, sq, hq, _ = q.shape
         cdt = acc_dtype(q.dtype)
-        covers = first_tile is not None and first_tile.q0 == 0 and first_tile.q1 == sq
-        self._copy = first_tile if covers else None  # the tile to copy in, until it is added
-        if covers:
-            self.out = torch.empty(b, sq, hq, head_dim_v, dtype=cdt, device=q.device)
-            self.lse = torch.empty(b, hq, sq, dtype=cdt, device=q.device)
-        else:
-            self.out = torch.zeros(b, sq, hq, head_dim_v, dtype=cdt, device=q.device)
-            self.lse = torch.full((b, hq, sq), _NEG_INF, dtype=cdt, device=q.device)
+        self.out = torch.empty(b, sq, hq, head_dim_v, dtype=cdt, device=q.device)
+        self.lse = torch.empty(b, hq, sq, dtype=cdt, device=q.device)
+        self._fresh = [(0, sq)] if sq else []  # sorted disjoint row ranges [a, b)
+
+    def _take(self, a: int, b: int) -> list[tuple[int, int]]:
+        """Remove the fresh parts of rows ``[a, b)`` from the fresh set and return them."""
+        fresh = self._fresh
+        i = max(0, bisect.bisect_right(fresh, (a, a)) - 1)
+        j, taken, keep = i, [], []
+        while j < len(fresh) and fresh[j][0] < b:
+            x, y = fresh[j]
+            if y > a:
+                taken.append((max(x, a), min(y, b)))
+                keep += [r for r in ((x, a), (b, y)) if r[0] < r[1]]
+            else:
+                keep.append((x, y))
+            j += 1
+        fresh[i:j] = keep
+        return taken
+
+    def _fill(self, a: int, b: int) -> None:
+        self.out[:, a:b].zero_()
+        self.lse[:, :, a:b].fill_(_NEG_INF)
 
     def add(self, tile, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
-        """Fold the block result of ``tile`` (rows ``tile.q0:tile.q1``) in. The tile named
-        at construction must be the first one added."""
-        if self._copy is not None:
-            if tile is not self._copy:
-                raise RuntimeError("OutputAccumulator: the covering tile must be added first")
-            self._copy = None
-            self.out.copy_(out_b)
-            self.lse.copy_(lse_b)
+        """Fold the block result of ``tile`` (rows ``tile.q0:tile.q1``) in."""
+        a, b = tile.q0, tile.q1
+        taken = self._take(a, b)
+        if taken == [(a, b)]:
+            self.out[:, a:b].copy_(out_b)
+            self.lse[:, :, a:b].copy_(lse_b)
             return
-        merge_into(self.out[:, tile.q0:tile.q1], self.lse[:, :, tile.q0:tile.q1], out_b, lse_b)
+        for x, y in taken:
+            self._fill(x, y)
+        merge_into(self.out[:, a:b], self.lse[:, :, a:b], out_b, lse_b)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out, lse)``; rows no tile reached have ``out = 0``, ``lse = -inf``."""
+        for a, b in self._take(0, self.out.shape[1]):
+            self._fill(a, b)
+        return self.out, self.lse

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import torch
 
-from ctxpar.attn.kernels import block_backward, block_forward, saved_block_state
+from ctxpar.attn.kernels import saved_block_state, sub_tile_rows
 from ctxpar.attn.merge import OutputAccumulator
 from ctxpar.attn.options import AttnOptions
-from ctxpar.attn.tiles import Tile, plan_segments, ring_steps
+from ctxpar.attn.tiled import backward_tiles, forward_tiles
+from ctxpar.attn.tiles import plan_segments, ring_steps
 from ctxpar.dist import collectives as comms
 from ctxpar.dist.topology import CPGroup, CPTopology
 from ctxpar.numerics import acc_dtype
-from ctxpar.observe.counters import record_compute
 from ctxpar.observe.trace import StepTimer
 from ctxpar.sequence.spec import ShardSpec
 
@@ -35,18 +35,13 @@ __all__ = ["ring_attention"]
 _DKV_TAG = 1  # dK/dV partial sums and K/V blocks can be in flight between one pair at once
 
 
-def _record_tiles(tiles: list[Tile], kind: str) -> None:
-    for t in tiles:
-        record_compute(kind, t.score_elements)
-
-
-def _plan(grp: CPGroup, spec: ShardSpec, causal: bool, window):
+def _plan(grp: CPGroup, spec: ShardSpec, causal: bool, window, sub: int):
     # Over the ring axis each rank holds its ring share (on a mesh: after the Ulysses
     # all-to-all, the whole Ulysses group's tokens).
     steps = ring_steps(spec.share, grp.size, causal=causal, window=window)
     r = grp.rank
     plans = [plan_segments(spec.share(r), spec.share((r - s) % grp.size), causal=causal,
-                           window=window, diagonal=s == 0)
+                           window=window, diagonal=s == 0, sub=sub)
              for s in range(steps)]
     return steps, plans
 
@@ -55,8 +50,8 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, grp: CPGroup, spec: ShardSpec, causal: bool, window, scale: float,
                 backend: str):
-        steps, plans = _plan(grp, spec, causal, window)
-        acc = OutputAccumulator(q, v.shape[-1], plans[0][0] if plans[0] else None)
+        steps, plans = _plan(grp, spec, causal, window, sub_tile_rows(q.device))
+        acc = OutputAccumulator(q, v.shape[-1])
         # Double buffer: compute on `cur` while `nxt` is being received.
         cur = torch.stack([k, v])  # k and v have one shape (checked by ctxpar.attention)
         nxt = torch.empty_like(cur) if steps > 1 else None
@@ -66,18 +61,14 @@ class _RingAttention(torch.autograd.Function):
             pending = None
             if s + 1 < steps:
                 pending = comms.exchange(grp, [(cur, nxt_rank)], [(nxt, prev_rank)])
-            tiles = plans[s]
-            _record_tiles(tiles, "block_fwd")
-            for t in tiles:
-                o_b, l_b = block_forward(q[:, t.q0:t.q1], cur[0, :, t.k0:t.k1], cur[1, :, t.k0:t.k1],
-                                         band=t.band, scale=scale, backend=backend)
-                acc.add(t, o_b, l_b)
+            forward_tiles(acc, q, cur[0], cur[1], plans[s], scale=scale, backend=backend)
             timer.mark(s, "compute")
             if pending is not None:
                 pending.wait()
                 cur, nxt = nxt, cur
             timer.mark(s, "wait")
-        out, lse = acc.out.to(q.dtype), acc.lse
+        out, lse = acc.result()
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.grp, ctx.plans, ctx.steps = grp, plans, steps
         ctx.scale, ctx.backend = scale, backend
@@ -104,18 +95,10 @@ class _RingAttention(torch.autograd.Function):
             kv_pending = None
             if s + 1 < steps:
                 kv_pending = comms.exchange(grp, [(kv_cur, r + 1)], [(kv_nxt, r - 1)])
-            tiles = plans[s]
-            _record_tiles(tiles, "block_bwd")
             if s > 0:
                 acc.zero_()
-            for t in tiles:
-                gq, gk, gv = block_backward(
-                    dout[:, t.q0:t.q1], q[:, t.q0:t.q1], kv_cur[0, :, t.k0:t.k1],
-                    kv_cur[1, :, t.k0:t.k1], out[:, t.q0:t.q1], lse[:, :, t.q0:t.q1],
-                    band=t.band, scale=ctx.scale, backend=ctx.backend, upcast=False)
-                dq[:, t.q0:t.q1] += gq
-                acc[0, :, t.k0:t.k1] += gk
-                acc[1, :, t.k0:t.k1] += gv
+            backward_tiles((dq, acc[0], acc[1]), dout, q, kv_cur[0], kv_cur[1], out, lse, plans[s],
+                           scale=ctx.scale, backend=ctx.backend, upcast=False)
             timer.mark(s, "compute")
             if dkv_pending is not None:
                 dkv_pending.wait()

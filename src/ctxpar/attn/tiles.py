@@ -11,6 +11,16 @@ this offset, so the visible set is a *band* in ``m = i - j``:
 (``None`` for an unbounded side). Every layout's mask is such a band: the causal diagonal is
 ``lo = 0``, striped's "strictly earlier" block is ``lo = 1``, a fully visible block has no
 bound that binds, and an empty block has ``lo > hi`` (it is skipped: no compute, no merge).
+
+**Sub-tiles.** A band bounded on both sides (a sliding window) touches only a diagonal
+strip of its tile, so :func:`split_band` cuts it: query rows in blocks of ``sub`` rows,
+each against only the keys its rows can see, those keys cut again into a left edge (an
+upper triangle, masked), a middle every row sees whole (no mask: the fast kernel) and a
+right edge (a lower triangle: the kernels' causal flag under a plain causal window).
+Nothing outside the band is evaluated, so a window of W costs about
+``rows · (W + sub)`` pairs instead of ``rows · keys``. This is the one way windows are
+cut, for every method: :func:`plan_segments` plans the ring's, all-gather's and hybrid's
+blocks and Ulysses' whole-sequence pass alike.
 """
 from __future__ import annotations
 
@@ -21,7 +31,8 @@ import torch
 
 from ctxpar.sequence.layouts import Segment, get_layout
 
-__all__ = ["Band", "Tile", "plan_tiles", "ring_steps"]
+__all__ = ["Band", "Tile", "plan_tiles", "plan_segments", "segment_band", "split_band",
+           "ring_steps"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +55,29 @@ class Band:
         if self.hi is not None:
             vis &= m <= self.hi
         return vis
+
+    def within(self, delta: int, lq: int, lk: int) -> "Band | None":
+        """This band as seen from an ``[lq, lk]`` sub-tile whose query origin lies ``delta``
+        rows further than its key origin (``delta = q0 - k0`` in the parent's indices);
+        None when no pair of the sub-tile is visible."""
+        lo = None if self.lo is None else self.lo - delta
+        hi = None if self.hi is None else self.hi - delta
+        return _clamped(lo, hi, lq, lk)
+
+
+def _clamped(lo: int | None, hi: int | None, lq: int, lk: int) -> Band | None:
+    """The band ``lo <= i - j <= hi`` of an ``[lq, lk]`` tile, bounds that do not bind on
+    it dropped (so a fully visible tile is ``FULL``); None when nothing is visible."""
+    m_min, m_max = -(lk - 1), lq - 1
+    if (lo is not None and lo > m_max) or (hi is not None and hi < m_min) or (
+        lo is not None and hi is not None and lo > hi
+    ):
+        return None
+    if lo is not None and lo <= m_min:
+        lo = None
+    if hi is not None and hi >= m_max:
+        hi = None
+    return Band(lo, hi)
 
 
 FULL = Band()
@@ -86,42 +120,66 @@ def segment_band(qs: Segment, ks: Segment, causal: bool, window: tuple[int, int]
     base = qs.start - ks.start
     lo = None if d_lo is None else _ceildiv(d_lo - base, st)
     hi = None if d_hi is None else (d_hi - base) // st
-    m_min, m_max = -(ks.length - 1), qs.length - 1
-    if (lo is not None and lo > m_max) or (hi is not None and hi < m_min) or (
-        lo is not None and hi is not None and lo > hi
-    ):
-        return None
-    if lo is not None and lo <= m_min:
-        lo = None
-    if hi is not None and hi >= m_max:
-        hi = None
-    return Band(lo, hi)
+    return _clamped(lo, hi, qs.length, ks.length)
+
+
+def split_band(tile: Tile, sub: int) -> list[Tile]:
+    """``tile`` cut into sub-tiles that cover exactly its visible pairs' rows and keys (see
+    the module docstring). Query rows go in blocks of ``sub``; block ``[a, b)`` sees keys
+    ``[a - hi, b - lo)`` (an open side of the band: the tile's edge). When the band is at
+    least as wide as the block (``hi - lo >= b - a``) those keys split into
+    ``[a - hi, b - hi)`` (upper triangle), ``[b - hi, a - lo)`` (every row sees every key)
+    and ``[a - lo, b - lo)`` (lower triangle); a narrower band stays one masked sub-tile
+    of ``b - a`` by ``hi - lo + b - a`` keys. Meant for bands a window bounds on both
+    sides (:func:`plan_segments` splits only those): a plain causal tile stays whole, the
+    kernels skip its upper part themselves."""
+    lq, lk = tile.q1 - tile.q0, tile.k1 - tile.k0
+    band = tile.band
+    lo = -(lk - 1) if band.lo is None else band.lo
+    hi = lq - 1 if band.hi is None else band.hi
+    tiles = []
+    for a in range(0, lq, sub):
+        b = min(lq, a + sub)
+        cuts = (a - hi, b - hi, a - lo, b - lo) if hi - lo >= b - a else (a - hi, b - lo)
+        for k0, k1 in zip(cuts, cuts[1:]):
+            k0, k1 = max(0, k0), min(lk, k1)
+            sub_band = band.within(a - k0, b - a, k1 - k0) if k0 < k1 else None
+            if sub_band is not None:
+                tiles.append(Tile(tile.q0 + a, tile.q0 + b, tile.k0 + k0, tile.k0 + k1, sub_band))
+    return tiles
 
 
 def plan_tiles(layout: str, world: int, seq_len: int, q_rank: int, kv_rank: int, *,
-               causal: bool, window: tuple[int, int] = (-1, -1)) -> list[Tile]:
+               causal: bool, window: tuple[int, int] = (-1, -1), sub: int = 0) -> list[Tile]:
     """Tiles that rank ``q_rank``'s queries must compute against ``kv_rank``'s keys, for a
     plain (unpacked) sequence; see :func:`plan_segments`."""
     lay = get_layout(layout)
     lay.check_divisible(seq_len, world)
     return plan_segments(tuple(lay.segments(q_rank, world, seq_len)),
                          tuple(lay.segments(kv_rank, world, seq_len)),
-                         causal=causal, window=window, diagonal=q_rank == kv_rank)
+                         causal=causal, window=window, diagonal=q_rank == kv_rank, sub=sub)
 
 
 @functools.lru_cache(maxsize=4096)
 def plan_segments(qsegs: tuple, ksegs: tuple, *, causal: bool,
-                  window: tuple[int, int] = (-1, -1), diagonal: bool = False) -> list[Tile]:
+                  window: tuple[int, int] = (-1, -1), diagonal: bool = False,
+                  sub: int = 0) -> list[Tile]:
     """Tiles for query segments ``qsegs`` against key segments ``ksegs`` (local order).
 
     Segments carry their document (packed documents; ``-1`` marks padding): pairs from
     different documents, or involving padding, are skipped outright. ``diagonal``
     says both sides are the same tokens. Fully visible segment pairs are merged into as few
     rectangles as possible, so that e.g. a zigzag step from an earlier rank is one
-    ``2c x c`` call and from a later one a ``c x 2c`` call, as in the balanced schedule."""
+    ``2c x c`` call and from a later one a ``c x 2c`` call, as in the balanced schedule.
+    With ``sub > 0`` a windowed pair's tile is cut into sub-tiles of ``sub`` query rows
+    (:func:`split_band`); ``sub = 0`` keeps one tile per pair (enough to know whether a
+    block has any work)."""
     n_q = sum(s.length for s in qsegs)
     n_k = sum(s.length for s in ksegs)
     windowed = window[0] >= 0 or window[1] >= 0
+    # Bounded on both sides (a window's left edge, and causality or its right edge): the
+    # visible pairs are a narrow band, worth cutting into sub-tiles.
+    narrow = sub > 0 and window[0] >= 0 and (causal or window[1] >= 0)
     packed = any(s.doc != 0 for s in qsegs + ksegs)
     if not causal and not windowed and not packed:
         return [Tile(0, n_q, 0, n_k, FULL)]
@@ -152,7 +210,8 @@ def plan_segments(qsegs: tuple, ksegs: tuple, *, causal: bool,
                 else:
                     full_ranges.append((k_off[ki], k_off[ki + 1]))
             else:
-                banded.append(Tile(q_off[qi], q_off[qi + 1], k_off[ki], k_off[ki + 1], band))
+                tile = Tile(q_off[qi], q_off[qi + 1], k_off[ki], k_off[ki + 1], band)
+                banded.extend(split_band(tile, sub) if narrow else [tile])
         if full_ranges:
             key = tuple(full_ranges)
             if full_rows and full_rows[-1][1] == q_off[qi] and full_rows[-1][2] == key:

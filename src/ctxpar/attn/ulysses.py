@@ -20,10 +20,12 @@ global position, needs N² tile calls and N LSE merges over S rows; the permutat
 less than one merge and keeps the fused kernel's causal block skipping. For the
 contiguous layout the gathered order *is* the global order and nothing is permuted.
 
-**Masks.** All masking of the local attention goes through :func:`global_tiles`, by
-*global* position: one run of tiles per document (``cu_seqlens``; the whole sequence
-without it), each from :func:`span_tiles` (causal, sliding window). Tiles never cross a
-document and never cover padding, whose rows get ``out = 0``, ``lse = -inf``.
+**Masks.** All masking of the local attention goes through the ring's planner
+(``ctxpar.attn.tiles.plan_segments``), by *global* position, on the sequence in global
+order cut into one segment per document (``cu_seqlens``; the whole sequence without it):
+causal masking, sliding windows (cut into sub-tiles) and documents are planned one way
+for every method. Tiles never cross a document and never cover padding, whose rows get
+``out = 0``, ``lse = -inf``.
 
 **GQA.** With ``Hkv % N == 0`` the K/V heads are scattered like the query heads. Otherwise
 each K/V head is replicated ``rep = N / gcd(Hkv, N)`` times before the all-to-all (the
@@ -44,21 +46,18 @@ import math
 
 import torch
 
-from ctxpar.attn.kernels import (block_backward, block_forward, refuse_double_backward,
-                                 saved_block_state)
+from ctxpar.attn.kernels import refuse_double_backward, saved_block_state, sub_tile_rows
+from ctxpar.attn.merge import OutputAccumulator
 from ctxpar.attn.options import AttnOptions
-from ctxpar.attn.tiles import Tile, segment_band
+from ctxpar.attn.tiled import backward_tiles, forward_tiles
+from ctxpar.attn.tiles import Tile, plan_segments
 from ctxpar.dist import collectives as comms
 from ctxpar.dist.topology import CPGroup, CPTopology
 from ctxpar.numerics import acc_dtype
-from ctxpar.observe.counters import record_compute
 from ctxpar.sequence.layouts import Segment
 from ctxpar.sequence.spec import ShardSpec
 
-__all__ = ["ulysses_attention", "check_heads", "kv_replication", "span_tiles", "global_tiles",
-           "seq_to_head", "head_to_seq"]
-
-_WINDOW_ROWS = 512  # query rows per tile under a sliding window (keeps the dense masks small)
+__all__ = ["ulysses_attention", "check_heads", "kv_replication", "seq_to_head", "head_to_seq"]
 
 
 def check_heads(hq: int, degree: int, method: str = "ulysses") -> None:
@@ -192,55 +191,15 @@ def head_to_seq(y, lse, grp: CPGroup, *, positions=None, order=None):
 # --------------------------------------------------------------------- local attention
 
 
-def span_tiles(lq: int, lk: int, q_start: int, k_start: int, *, causal: bool,
-               window: tuple[int, int] = (-1, -1)) -> list[Tile]:
-    """Tiles for queries at global positions ``[q_start, q_start + lq)`` against keys at
-    ``[k_start, k_start + lk)``. The tiles cover disjoint query rows, so their results
-    are written, never merged. Without a window this is one tile (plain causal when the
-    spans coincide); with one, query rows are cut into blocks of ``_WINDOW_ROWS``, each
-    against only the keys its window can reach."""
-    left, right = window
-    if left < 0 and right < 0:
-        band = segment_band(Segment(q_start, lq), Segment(k_start, lk), causal, window)
-        return [] if band is None else [Tile(0, lq, 0, lk, band)]
-    tiles = []
-    for q0 in range(0, lq, _WINDOW_ROWS):
-        q1 = min(lq, q0 + _WINDOW_ROWS)
-        first, last = q_start + q0, q_start + q1 - 1  # global positions of the rows
-        k0 = 0 if left < 0 else max(0, first - left - k_start)
-        reach = last if causal else (last + right if right >= 0 else k_start + lk - 1)
-        if causal and right >= 0:
-            reach = min(reach, last + right)
-        k1 = min(lk, reach - k_start + 1)
-        if k0 >= k1:
-            continue
-        band = segment_band(Segment(first, q1 - q0), Segment(k_start + k0, k1 - k0), causal, window)
-        if band is not None:
-            tiles.append(Tile(q0, q1, k0, k1, band))
-    return tiles
-
-
 class _LocalAttention(torch.autograd.Function):
-    """Attention of one rank's full-sequence head shard; ``tiles`` from :func:`span_tiles`."""
+    """Attention of one rank's full-sequence head shard under a tile plan (global order)."""
 
     @staticmethod
     def forward(ctx, q, k, v, tiles: list[Tile], scale: float, backend: str):
-        b, sq, hq, d = q.shape
-        whole = len(tiles) == 1 and tiles[0].q1 - tiles[0].q0 == sq
-        if whole:
-            t = tiles[0]
-            out, lse = block_forward(q, k[:, t.k0:t.k1], v[:, t.k0:t.k1], band=t.band,
-                                     scale=scale, backend=backend)
-        else:
-            out = q.new_zeros(b, sq, hq, v.shape[-1])
-            lse = torch.full((b, hq, sq), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
-            for t in tiles:
-                o, l = block_forward(q[:, t.q0:t.q1], k[:, t.k0:t.k1], v[:, t.k0:t.k1],
-                                     band=t.band, scale=scale, backend=backend)
-                out[:, t.q0:t.q1] = o
-                lse[:, :, t.q0:t.q1] = l
-        for t in tiles:
-            record_compute("block_fwd", t.score_elements)
+        acc = OutputAccumulator(q, v.shape[-1])
+        forward_tiles(acc, q, k, v, tiles, scale=scale, backend=backend)
+        out, lse = acc.result()
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.tiles, ctx.scale, ctx.backend = tiles, scale, backend
         ctx.mark_non_differentiable(lse)
@@ -249,55 +208,30 @@ class _LocalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         dout, q, k, v, out, lse = saved_block_state(ctx, dout)
-        tiles, cdt = ctx.tiles, acc_dtype(q.dtype)
-        for t in tiles:
-            record_compute("block_bwd", t.score_elements)
-        if len(tiles) == 1 and (tiles[0].q1 - tiles[0].q0, tiles[0].k1 - tiles[0].k0) == (q.shape[1], k.shape[1]):
-            dq, dk, dv = block_backward(dout, q, k, v, out, lse, band=tiles[0].band,
-                                        scale=ctx.scale, backend=ctx.backend)
-        else:
-            dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
-            dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
-            dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
-            for t in tiles:
-                gq, gk, gv = block_backward(
-                    dout[:, t.q0:t.q1], q[:, t.q0:t.q1], k[:, t.k0:t.k1], v[:, t.k0:t.k1],
-                    out[:, t.q0:t.q1], lse[:, :, t.q0:t.q1], band=t.band, scale=ctx.scale,
-                    backend=ctx.backend)
-                dq[:, t.q0:t.q1] += gq
-                dk[:, t.k0:t.k1] += gk
-                dv[:, t.k0:t.k1] += gv
+        cdt = acc_dtype(q.dtype)
+        grads = [torch.zeros(t.shape, dtype=cdt, device=q.device) for t in (q, k, v)]
+        backward_tiles(grads, dout, q, k, v, out, lse, ctx.tiles, scale=ctx.scale,
+                       backend=ctx.backend, upcast=False)
+        dq, dk, dv = grads
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
-
-
-def global_tiles(seq_len: int, runs, *, causal: bool, window=(-1, -1)) -> list[Tile]:
-    """Tiles of a whole sequence in global order (positions ``0..seq_len-1``), attention
-    restricted to each run ``(start, end)`` of one document."""
-    tiles = []
-    for a, b in runs:
-        for t in span_tiles(b - a, b - a, a, a, causal=causal, window=window):
-            tiles.append(Tile(t.q0 + a, t.q1 + a, t.k0 + a, t.k1 + a, t.band))
-    return tiles
 
 
 def _global_view(spec: ShardSpec, n: int, device):
     """For the concatenation of every rank's tokens (the gathered order): the global
     position of each token (None if already in order), the permutation to global order
-    (None likewise) and the document runs ``(start, end)`` in global order."""
+    (None likewise) and the whole sequence in global order as segments, one per run of a
+    document (its number: 0 plain, 1.. packed documents, -1 padding)."""
     positions = torch.cat([spec.share_positions(r) for r in range(n)])
     in_order = bool(torch.equal(positions, torch.arange(positions.numel())))
     order = None if in_order else torch.argsort(positions)
-    if spec.docs is None:
-        runs = [(0, spec.seq_len)]
-    else:
-        doc = torch.cat([spec.share_doc_ids(r) for r in range(n)])
-        doc = doc if order is None else doc[order]
-        cuts = (torch.nonzero(doc[1:] != doc[:-1]).flatten() + 1).tolist()
-        bounds = [0] + cuts + [doc.numel()]
-        runs = [(a, b) for a, b in zip(bounds, bounds[1:]) if int(doc[a]) >= 0]
+    doc = torch.cat([spec.share_doc_ids(r) for r in range(n)])
+    doc = doc if order is None else doc[order]
+    cuts = (torch.nonzero(doc[1:] != doc[:-1]).flatten() + 1).tolist()
+    bounds = [0] + cuts + [doc.numel()]
+    segments = tuple(Segment(a, b - a, 1, int(doc[a])) for a, b in zip(bounds, bounds[1:]))
     if in_order:
-        return None, None, runs
-    return positions.to(device), order.to(device), runs
+        return None, None, segments
+    return positions.to(device), order.to(device), segments
 
 
 # ------------------------------------------------------------------------ the method
@@ -308,11 +242,12 @@ def ulysses_attention(q, k, v, topo: CPTopology, spec: ShardSpec, opts: AttnOpti
     ``(out, lse)`` (``lse`` None when ``opts.return_lse`` is False)."""
     grp = topo.ring
     n = grp.size
-    positions, order, runs = _global_view(spec, n, q.device)
+    positions, order, segments = _global_view(spec, n, q.device)
     rep = kv_replication(k.shape[2], n)
     qh = seq_to_head(q, grp, order=order, positions=positions)
     kh = seq_to_head(k, grp, order=order, positions=positions, rep=rep)
     vh = seq_to_head(v, grp, order=order, positions=positions, rep=rep)
-    tiles = global_tiles(spec.seq_len, runs, causal=opts.causal, window=opts.window)
+    tiles = plan_segments(segments, segments, causal=opts.causal, window=opts.window, diagonal=True,
+                          sub=sub_tile_rows(q.device))
     oh, lh = _LocalAttention.apply(qh, kh, vh, tiles, opts.scale, opts.backend)
     return head_to_seq(oh, lh if opts.return_lse else None, grp, positions=positions, order=order)
