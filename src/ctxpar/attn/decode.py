@@ -65,7 +65,7 @@ def shard_partial(q: torch.Tensor, q_slots: torch.Tensor, k: torch.Tensor, v: to
                                  band=FULL if dense else tile.band, scale=opts.scale,
                                  backend=opts.backend, mask=mask)
         acc.add(tile, out.to(cdt), lse.to(cdt))
-    return acc.out, acc.lse
+    return acc.result()
 
 
 def _pack(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
