@@ -18,11 +18,12 @@ length (2.0 is linear), the fwd+bwd wall time and ``score_elements`` per token (
 ``W + 1 + sub``).
 ``flex``: ``torch.nn.attention.flex_attention`` under ``torch.compile`` with a
 sliding-window ``BlockMask`` (forward only: on CPU it has no backward and, compiled, no
-LSE), beside ctxpar's forward. ``cp``: N local gloo ranks, one thread each, rank r pinned
-to CPU r mod cores; the slowest rank's wall time, speedup = t(one process) / t(N ranks),
-efficiency = speedup / cores used (min(N, available CPUs)), CPU work = t(one process) /
-the ranks' summed CPU time (what CP adds in compute and communication, whatever the
-machine's load), the per-round ratio of the wall time to the contiguous layout's (same
+LSE), beside ctxpar's forward. ``cp``: N local gloo ranks, one thread each (``--pin``: rank r
+pinned to CPU r mod cores); the slowest rank's wall time, speedup = t(one process) / t(N ranks),
+efficiency = speedup / cores used (min(N, available CPUs)), CPU efficiency = t(one
+process) / (N x the slowest rank's CPU time: imbalance and what CP adds in compute and
+communication, whatever the machine's load; the wall efficiency on N free cores with
+communication hidden), the per-round ratio of the wall time to the contiguous layout's (same
 method, same rounds) and the bytes a rank receives per fwd+bwd (``comm_counters``).
 ``subs``: one process fwd+bwd by sub-tile size.
 """
@@ -164,12 +165,13 @@ def flex(args) -> list[dict]:
     return rows
 
 
-def _rank_rounds(s: int, w: int, variants: list, repeats: int) -> dict:
+def _rank_rounds(s: int, w: int, variants: list, repeats: int, pin: bool) -> dict:
     """On every CP rank: ``{(method, layout): ([(wall, cpu) per round], bytes received per
     fwd+bwd)}``, the variants interleaved in rounds as in :func:`_rounds`."""
     dist = torch.distributed
-    cpus = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cpus[dist.get_rank() % len(cpus)]})
+    if pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[dist.get_rank() % len(cpus)]})
     cases, nbytes = {}, {}
     for method, layout in variants:
         q, k, v = (ctxpar.shard(t.detach(), layout=layout).requires_grad_() for t in _inputs(s, False))
@@ -193,15 +195,14 @@ def cp(args) -> list[dict]:
     variants = [(m, lay) for m in args.methods for lay in args.layouts]
     rows = []
     print(f"| W | S | N | method | layout | one process s | N ranks wall s | speedup | "
-          f"efficiency ({cores} cores) | CPU work vs one process | wall vs contiguous | "
-          f"MB recv/rank |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"efficiency ({cores} cores) | CPU efficiency | wall vs contiguous | MB recv/rank |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for s in args.seqs:
         for w in args.windows:
             t1 = _median(_rounds({0: _ctxpar_calls(s, w)[1]}, args.repeats)[0])
             for n in args.worlds:
                 with RankPool(n, threads=1) as pool:
-                    res = pool.run(_rank_rounds, s, w, variants, args.repeats, timeout=1800)
+                    res = pool.run(_rank_rounds, s, w, variants, args.repeats, args.pin, timeout=1800)
                 walls = {key: [max(r[key][0][i][0] for r in res) for i in range(args.repeats)]
                          for key in variants}  # the slowest rank, per round
                 for key in variants:
@@ -213,17 +214,18 @@ def cp(args) -> list[dict]:
 
 def _cp_row(s, w, n, key, per_rank, t1, cores, vs) -> dict:
     """One table row from every rank's ``(rounds, bytes)``: the slowest rank's wall time
-    and the ranks' summed CPU time, medians over rounds; ``vs``: the median per-round
-    ratio of this wall time to the contiguous layout's (same method)."""
+    and CPU time, medians over rounds; ``vs``: the median per-round ratio of this wall
+    time to the contiguous layout's (same method)."""
     rounds = len(per_rank[0][0])
-    wall = statistics.median(max(r[0][i][0] for r in per_rank) for i in range(rounds))
-    work = statistics.median(sum(r[0][i][1] for r in per_rank) for i in range(rounds))
+    wall, cpu = (statistics.median(max(r[0][i][j] for r in per_rank) for i in range(rounds))
+                 for j in (0, 1))
     mb = max(r[1] for r in per_rank) / 2 ** 20
     r = {"S": s, "W": w, "N": n, "method": key[0], "layout": key[1], "one_s": t1, "cp_wall_s": wall,
-         "speedup": t1 / wall, "efficiency": t1 / (min(n, cores) * wall), "work": t1 / work,
-         "vs_contiguous": vs, "mb_recv": mb}
+         "speedup": t1 / wall, "efficiency": t1 / (min(n, cores) * wall),
+         "cpu_efficiency": t1 / (n * cpu), "vs_contiguous": vs, "mb_recv": mb}
     print(f"| {w} | {s} | {n} | {key[0]} | {key[1]} | {t1:.3f} | {wall:.3f} | {r['speedup']:.2f} | "
-          f"{r['efficiency']:.2f} | {r['work']:.2f} | {'' if vs is None else f'{vs:.2f}'} | {mb:.1f} |")
+          f"{r['efficiency']:.2f} | {r['cpu_efficiency']:.2f} | {'' if vs is None else f'{vs:.2f}'} | "
+          f"{mb:.1f} |")
     return r
 
 
@@ -273,6 +275,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="ring")
     ap.add_argument("--subs", type=_ints, default=[64, 128, 256, 512])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pin", action="store_true", help="cp: pin rank r to CPU r mod cores")
     ap.add_argument("--json", default="", help="also write the rows here")
     args = ap.parse_args(argv)
     args.layouts, args.methods = args.layouts.split(","), args.methods.split(",")

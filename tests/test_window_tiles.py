@@ -185,20 +185,20 @@ def test_sub_tiled_windows_with_packed_documents(run_ranks, world, method):
 # ------------------------------------------------------------------ method="auto"
 
 
-@pytest.mark.parametrize("n, layout, causal, window, expected", [
-    (4, "contiguous", True, (64, 0), "ring"),       # reaches the previous rank only: 2 steps
-    (4, "contiguous", True, (64, 9), "ring"),       # the right side is hidden by causality
-    (3, "contiguous", True, (80, 0), "ring"),       # 2 steps of 3: 4 blocks, all-gather 4
-    (4, "contiguous", True, (200, 0), "allgather"),  # 3 steps of 4: 7 blocks, all-gather 6
-    (4, "contiguous", False, (64, 9), "allgather"),  # needs the next rank: the ring's last step
-    (4, "zigzag", True, (64, 0), "allgather"),      # the second chunk needs the next rank
-    (4, "contiguous", True, (-1, -1), "allgather"),  # no window: the usual rule
+@pytest.mark.parametrize("n, layout, causal, window, gqa, mha", [
+    (4, "contiguous", True, (64, 0), "ring", "ring"),    # the previous rank only: 2 steps
+    (4, "contiguous", True, (64, 9), "ring", "ring"),    # the right side is hidden by causality
+    (2, "contiguous", True, (64, 0), "allgather", "ulysses"),  # 2 steps of 2: a full ring
+    (4, "contiguous", True, (200, 0), "allgather", "ulysses"),  # 3 steps: 7 blocks vs 6
+    (5, "contiguous", True, (200, 0), "ring", "ring"),  # 3 steps of 5: 7 blocks vs 8; MHA: 8 heads
+                                                        # do not split over 5 ranks
+    (4, "contiguous", False, (64, 9), "allgather", "ulysses"),  # the next rank: a full ring
+    (4, "zigzag", True, (64, 0), "allgather", "ulysses"),  # the second chunk: a full ring
+    (4, "contiguous", True, (-1, -1), "allgather", "ulysses"),  # no window: the head rule
 ])
-def test_auto_prefers_a_short_ring_for_windows_over_allgather(n, layout, causal, window, expected):
-    s = 128 * n  # shards of 128 tokens
+def test_auto_takes_a_short_ring_for_windows(n, layout, causal, window, gqa, mha):
     topo = CPTopology(CPGroup(None, 0, n), CPGroup(None, 0, 1))
-    spec = ShardSpec(layout, n, 1, s)
-    assert choose_method(topo, 8, 2, spec=spec, causal=causal, window=window) == expected
+    spec = ShardSpec(layout, n, 1, 128 * n)  # shards of 128 tokens
+    assert choose_method(topo, 8, 2, spec=spec, causal=causal, window=window) == gqa
+    assert choose_method(topo, 8, 8, spec=spec, causal=causal, window=window) == mha
     assert choose_method(topo, 8, 2) == "allgather"  # without the token order: heads only
-    # MHA keeps Ulysses: its all-to-alls move 4(N-1)/N blocks, a short ring 4.
-    assert choose_method(topo, 12, 12, spec=spec, causal=causal, window=window) == "ulysses"

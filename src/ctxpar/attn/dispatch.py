@@ -105,34 +105,43 @@ def choose_method(topo: CPTopology, hq: int, hkv: int, *, spec: ShardSpec | None
 
     1. ``"hybrid"`` when the group is a mesh with ``ring`` and ``ulysses`` axes.
     2. ``"ring"`` on a group of one rank (no communication at all, any method is the same).
-    3. ``"ulysses"`` when the N ranks split the query heads (``Hq % N == 0``) and the
+    3. ``"ring"`` when a sliding window keeps the ring to 2 steps on N >= 3 ranks
+       (``steps`` = :func:`ctxpar.attn.tiles.ring_steps`, 1 + how many ranks back any
+       window reaches; 2 for a causal window no longer than a shard on the contiguous
+       layout, whatever N). Each rank then receives one K/V block, while its diagonal
+       block computes. Measured (``benchmarks/bench_windows.py``, N = 4, MHA, W = 256) it
+       beats Ulysses by 1.2x although the all-to-alls move a quarter fewer bytes (they are
+       not overlapped with compute), and all-gather by 1.5x; at W = 4096 it ties Ulysses.
+    4. ``"ulysses"`` when the N ranks split the query heads (``Hq % N == 0``) and the
        all-to-alls move no more bytes than rotating K/V round the ring:
        ``Hq + Hkv' <= N·Hkv`` with ``Hkv' = lcm(Hkv, N)`` the replicated K/V heads (per rank,
        Ulysses sends ``(N-1)/N²·S·D·(2Hq + 2Hkv')`` in the forward, the ring
        ``(N-1)/N·S·D·2Hkv``). Always true for MHA. Ulysses is balanced for every layout
        and runs one fused kernel per rank.
-    4. ``"allgather"`` for GQA/MQA (``Hkv < Hq``), where K/V are small enough to gather
-       and keep (Llama-3's choice); its backward moves no K/V again. Unless a sliding
-       window keeps the ring short: with ``steps`` = :func:`ctxpar.attn.tiles.ring_steps`
-       (1 + how many ranks back any window reaches), a ring rank receives ``2(steps-1)``
-       K/V blocks and ``steps`` fp32 dK/dV partial sums per fwd+bwd, all-gather
-       ``N - 1`` of each; ``"ring"`` when ``3·steps - 2 <= 2(N - 1)`` (counting fp32
-       blocks alike). A causal window no longer than a shard, on the contiguous layout,
-       has ``steps = 2`` whatever N; on zigzag the second chunk needs the *next* rank's
-       block, the ring's last step, so ``steps = N`` (see the README on windows).
-    5. ``"ring"`` otherwise (MHA with heads that do not split over N ranks).
+    5. ``"allgather"`` for GQA/MQA (``Hkv < Hq``), where K/V are small enough to gather
+       and keep (Llama-3's choice); its backward moves no K/V again. Unless a window
+       shortens the ring enough that it moves fewer bytes: a ring rank receives
+       ``2(steps-1)`` K/V blocks and ``steps`` fp32 dK/dV partial sums per fwd+bwd,
+       all-gather ``N - 1`` of each, so ``"ring"`` when ``3·steps - 2 <= 2(N - 1)``.
+    6. ``"ring"`` otherwise (MHA with heads that do not split over N ranks).
+
+    Zigzag's second chunk needs the *next* rank's block, the ring's last step, so a window
+    on zigzag has ``steps = N``: use ``layout="contiguous"`` with windows.
     """
     if topo.is_mesh:
         return "hybrid"
     n = topo.size
     if n == 1:
         return "ring"
+    steps = n
+    if spec is not None and window != (-1, -1):
+        steps = ring_steps(spec.share, n, causal=causal, window=window)
+    if steps == 2 < n:
+        return "ring"
     if hq % n == 0 and hq + hkv * kv_replication(hkv, n) <= n * hkv:
         return "ulysses"
     if hkv < hq:
-        short = spec is not None and window != (-1, -1) and 3 * ring_steps(
-            spec.share, n, causal=causal, window=window) - 2 <= 2 * (n - 1)
-        return "ring" if short else "allgather"
+        return "ring" if 3 * steps - 2 <= 2 * (n - 1) else "allgather"
     return "ring"
 
 
