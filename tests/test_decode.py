@@ -202,3 +202,17 @@ def test_single_rank_and_empty_partials():
     shard = KVShard.empty(k, v, topo, "zigzag")
     with pytest.raises(ValueError, match="layout='zigzag'.*layout='contiguous'"):
         shard.check_belongs(topo, "contiguous")
+
+
+def test_windowed_prefill_tiles_are_sub_tiled():
+    """A windowed prefill through the cache is cut like training's band tiles: the pairs the
+    kernels see grow with S·(W + sub), not S² (issue 18's bound, on the prefill path)."""
+    from ctxpar.attn.slotplan import plan_slots
+
+    s, w, sub = 2048, 64, 128
+    slots = torch.arange(s)
+    tiles = plan_slots(slots, slots, causal=True, window=(w, 0), sub=sub)
+    pairs = sum((t.q1 - t.q0) * (t.k1 - t.k0) for t, _ in tiles)
+    assert s * (w + 1) <= pairs <= s * (w + 1 + sub)
+    whole = plan_slots(slots, slots, causal=True, window=(w, 0))
+    assert sum((t.q1 - t.q0) * (t.k1 - t.k0) for t, _ in whole) == s * s

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ctxpar.attn.kernels import block_forward
+from ctxpar.attn.kernels import block_forward, sub_tile_rows
 from ctxpar.attn.kvcache import KVShard, visibility
 from ctxpar.attn.merge import OutputAccumulator, merge_into
 from ctxpar.attn.options import AttnOptions
@@ -52,7 +52,9 @@ def shard_partial(q: torch.Tensor, q_slots: torch.Tensor, k: torch.Tensor, v: to
     mask only for a tile with padded keys or of mixed spacing."""
     acc = OutputAccumulator(q, v.shape[-1])
     cdt = acc.out.dtype
-    for tile, dense in plan_slots(q_slots, k_slots, causal=opts.causal, window=opts.window):
+    tiles = plan_slots(q_slots, k_slots, causal=opts.causal, window=opts.window,
+                       sub=sub_tile_rows(q.device))
+    for tile, dense in tiles:
         rows, cols = slice(tile.q0, tile.q1), slice(tile.k0, tile.k1)
         valid = k_valid[:, cols]
         mask = None

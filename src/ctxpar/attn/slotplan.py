@@ -16,7 +16,7 @@ import bisect
 
 import torch
 
-from ctxpar.attn.tiles import FULL, Tile, segment_band
+from ctxpar.attn.tiles import FULL, Tile, segment_band, split_band
 from ctxpar.sequence.layouts import Segment
 
 __all__ = ["slot_segments", "plan_slots"]
@@ -56,10 +56,13 @@ def _same_stride(qs: Segment, ks: Segment) -> tuple[Segment, Segment] | None:
 
 
 def plan_slots(q_slots: torch.Tensor, k_slots: torch.Tensor, *, causal: bool,
-               window: tuple[int, int]) -> list[tuple[Tile, bool]]:
+               window: tuple[int, int], sub: int = 0) -> list[tuple[Tile, bool]]:
     """``(tile, dense)`` for queries at ``q_slots`` ``[Sq]`` against keys at ``k_slots``
     ``[Sk]`` (local rows): ``dense`` tiles need the slot mask, the others only their
-    ``tile.band``. Tiles with no visible pair are left out."""
+    ``tile.band``. Tiles with no visible pair are left out. With ``sub > 0`` a band that
+    a window bounds on both sides is cut into sub-tiles (:func:`ctxpar.attn.tiles.split_band`),
+    as in training, so a windowed prefill costs O(S·(W + sub)), not O(S²)."""
+    narrow = sub > 0 and window[0] >= 0 and (causal or window[1] >= 0)
     qsegs, ksegs = slot_segments(q_slots), slot_segments(k_slots)
     plan: list[tuple[Tile, bool]] = []
     q0 = 0
@@ -72,7 +75,8 @@ def plan_slots(q_slots: torch.Tensor, k_slots: torch.Tensor, *, causal: bool,
             else:
                 band = segment_band(*pair, causal, window)
                 if band is not None:
-                    plan.append((Tile(q0, q0 + qs.length, k0, k0 + ks.length, band), False))
+                    tile = Tile(q0, q0 + qs.length, k0, k0 + ks.length, band)
+                    plan += [(t, False) for t in (split_band(tile, sub) if narrow else [tile])]
             k0 += ks.length
         q0 += qs.length
     return plan
