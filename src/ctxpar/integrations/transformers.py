@@ -59,9 +59,9 @@ import torch
 from ctxpar.attn.dispatch import METHODS, attention
 from ctxpar.dist.topology import resolve
 from ctxpar.sequence.layouts import get_layout
-from ctxpar.sequence.packing import checked_multiple, shard_packed
+from ctxpar.sequence.packing import pad_for_cp, shard_packed
 from ctxpar.sequence.sharding import position_ids as cp_position_ids, shard
-from ctxpar.sequence.spec import cp_multiple, parse_cu_seqlens
+from ctxpar.sequence.spec import parse_cu_seqlens
 
 __all__ = ["register", "make_attention_function", "refuse_padding_mask", "shard_batch", "CPBatch",
            "DEFAULT_NAME", "generate"]
@@ -294,8 +294,11 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
         return _shard_packed_batch(input_ids, labels, cu_seqlens, group, layout, ignore_index)
     shifted = shift_labels(labels, ignore_index=ignore_index)
     topo = resolve(group)
-    mult = cp_multiple(get_layout(layout), topo.ring.size, topo.ulysses.size) * checked_multiple(multiple_of)
-    ids, shifted = _pad_to_multiple(input_ids, shifted, mult, ignore_index)
+    # Pads at the end: token 0, label ignore_index (causal attention keeps real tokens from
+    # seeing them, the loss drops them).
+    ids, _ = pad_for_cp(input_ids, group=topo, layout=layout, multiple_of=multiple_of)
+    shifted, _ = pad_for_cp(shifted, group=topo, layout=layout, multiple_of=multiple_of,
+                            value=ignore_index)
     total = ids.shape[1]
     position_ids = cp_position_ids(total, group=topo, layout=layout, device=input_ids.device)
     return CPBatch(
@@ -322,13 +325,3 @@ def _shard_packed_batch(input_ids, labels, cu_seqlens, group, layout: str,
     return CPBatch(input_ids=tok.tokens, labels=lab.tokens,
                    position_ids=tok.position_ids.unsqueeze(0).expand(b, -1),
                    cu_seqlens=tok.cu_seqlens, seq_len=s)
-
-
-def _pad_to_multiple(ids: torch.Tensor, labels: torch.Tensor, mult: int, ignore_index: int):
-    """Pad at the end (token 0, label ``ignore_index``) to a multiple of ``mult``."""
-    extra = -ids.shape[1] % mult
-    if not extra:
-        return ids, labels
-    b = ids.shape[0]
-    return (torch.cat([ids, ids.new_zeros(b, extra)], 1),
-            torch.cat([labels, labels.new_full((b, extra), ignore_index)], 1))
