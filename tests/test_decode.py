@@ -48,10 +48,20 @@ def _prefill(shard, layout, topo, q, k, v, valid, offset, opts, method):
     return out, lse, slots
 
 
-def _prefill_then_decode(layout: str, dt: str, window, pads, steps: int, method: str):
+def _topo(mesh):
+    """The CP group: the world (``mesh`` None) or ``cp_mesh(mesh)`` (``[a2a, p2p]``)."""
+    if mesh is None:
+        return resolve(None)
+    from ctxpar.dist.mesh import cp_mesh
+
+    return resolve(cp_mesh(mesh))
+
+
+def _prefill_then_decode(layout: str, dt: str, window, pads, steps: int, method: str,
+                         mesh=None):
     """On every rank: prefill a prompt of 4N tokens (left padding ``pads`` per row), decode
     ``steps`` tokens; returns the worst relative error against the reference."""
-    topo = resolve(None)
+    topo = _topo(mesh)
     dtype = getattr(torch, dt)
     s = 4 * topo.size
     q, k, v = _qkv(s + steps)
@@ -85,9 +95,9 @@ def test_prefill_then_decode(run_ranks, world, layout, dt):
         assert max(errs) < TOL[dt], (window, pads, errs)
 
 
-def _continuation(layout: str, method: str, cached: int, new: int, window):
+def _continuation(layout: str, method: str, cached: int, new: int, window, mesh=None):
     """Prefill ``cached`` tokens, then ``new`` more against the cache by ``method``."""
-    topo = resolve(None)
+    topo = _topo(mesh)
     q, k, v = _qkv(cached + new, seed=3)
     valid = torch.ones(B, cached + new, dtype=torch.bool)
     ref_out, ref_lse = _reference(q, k, v, [0, 0], window)
@@ -111,11 +121,12 @@ def test_continuation_prefill(run_ranks, world, layout, method):
             assert max(errs) < 1e-10, (new, cached, window, errs)
 
 
-def _decode_then_continue(layout: str, method: str, decoded: int):
+def _decode_then_continue(layout: str, method: str, decoded: int, mesh=None):
     """Prefill 4N tokens, decode ``decoded`` (kept round-robin: the shards now mix strides),
     then a continuation prefill of the layout's multiple against that cache."""
-    topo = resolve(None)
-    cached, new = 4 * topo.size, ctxpar.sequence.spec.cp_multiple(layout, topo.size)
+    topo = _topo(mesh)
+    cached = 4 * topo.size
+    new = ctxpar.sequence.spec.cp_multiple(layout, topo.ring.size, topo.ulysses.size)
     total = cached + decoded + new
     q, k, v = _qkv(total, seed=4)
     valid = torch.ones(B, total, dtype=torch.bool)
@@ -137,6 +148,48 @@ def _decode_then_continue(layout: str, method: str, decoded: int):
 def test_continuation_after_decode(run_ranks, world, layout, method):
     errs = run_ranks(world, _decode_then_continue, layout, method, 2 * world + 1)
     assert max(errs) < 1e-10, errs
+
+
+@pytest.mark.parametrize("sizes,layout", [([2, 2], "zigzag"), ([2, 2], "contiguous"),
+                                          ([3, 1], "zigzag")])
+def test_mesh_prefill_decode_and_continuation(run_ranks, sizes, layout):
+    """A hierarchical mesh ([a2a, p2p]): the shards are the hybrid layout's tokens, pass-KV
+    and pass-Q travel the flat tour of both axes, decode merges over both axes; all exact
+    against the float64 reference."""
+    world = sizes[0] * sizes[1]
+    for dt in ("float64", "float32"):
+        errs = run_ranks(world, _prefill_then_decode, layout, dt, (5, 0), [0, 3], 2 * world + 1,
+                         "pass-q", sizes)
+        assert max(errs) < TOL[dt], (dt, errs)
+    mult = ctxpar.sequence.spec.cp_multiple(layout, sizes[1], sizes[0])
+    for method in ("pass-kv", "pass-q"):
+        for new, cached in ((mult, 64 * mult), (4 * mult, 4 * mult)):
+            errs = run_ranks(world, _continuation, layout, method, cached, new, (-1, -1), sizes)
+            assert max(errs) < 1e-10, (method, new, cached, errs)
+        errs = run_ranks(world, _decode_then_continue, layout, method, 2 * world + 1, sizes)
+        assert max(errs) < 1e-10, (method, errs)
+
+
+def test_ring_tour_visits_every_rank_once():
+    """The flat tour of a mesh: every CP rank's block reaches every rank exactly once, each
+    hop within one of the mesh's groups, and the block a rank receives is the one its
+    sender held at the previous stop."""
+    from ctxpar.attn.decode import ring_tour
+    from ctxpar.dist.topology import CPGroup, CPTopology
+
+    for n_ring, n_uly in ((1, 1), (3, 1), (1, 3), (2, 2), (3, 2), (2, 3)):
+        topos = {(r, u): CPTopology(CPGroup(None, r, n_ring), CPGroup(None, u, n_uly),
+                                    ("ring", "ulysses"))
+                 for r in range(n_ring) for u in range(n_uly)}
+        tours = {ru: ring_tour(t) for ru, t in topos.items()}
+        for (r, u), tour in tours.items():
+            assert sorted(o for _, o in tour) == list(range(n_ring * n_uly))
+            assert tour[0] == (None, r * n_uly + u)
+            for k in range(1, len(tour)):
+                grp, origin = tour[k]
+                ring_hop = grp is topos[(r, u)].ring
+                sender = ((r - 1) % n_ring, u) if ring_hop else (r, (u - 1) % n_uly)
+                assert tours[sender][k - 1][1] == origin, (n_ring, n_uly, r, u, k)
 
 
 def test_prefill_tiles_need_no_dense_mask():
@@ -164,8 +217,8 @@ def test_auto_rule():
     assert pick(64, 64) == "pass-kv" and pick(64, 0) == "pass-kv"
 
 
-def _decode_bytes(cached: int):
-    topo = resolve(None)
+def _decode_bytes(cached: int, mesh=None):
+    topo = _topo(mesh)
     q, k, v = _qkv(cached + 1)
     opts = AttnOptions(True, (-1, -1), D ** -0.5, "auto")
     shard = KVShard.empty(k, v, topo, "zigzag")
@@ -188,6 +241,17 @@ def test_decode_bytes_do_not_grow_with_context(run_ranks):
     # KV bytes per rank: half of the whole cache, within one token.
     whole = 2 * B * 1025 * HKV * D * 8
     assert all(abs(s[2] - whole / 2) <= 2 * B * HKV * D * 8 for s in large)
+
+
+def test_mesh_decode_bytes_do_not_grow_with_context(run_ranks):
+    """On a [2, 2] mesh: one all-gather per axis (one peer each), the same at 64 and 1024
+    cached tokens; KV bytes per rank a quarter of the whole cache, within one token."""
+    small = run_ranks(4, _decode_bytes, 64, [2, 2])
+    large = run_ranks(4, _decode_bytes, 1024, [2, 2])
+    assert [s[:2] for s in small] == [s[:2] for s in large]
+    assert all(s[1] == 2 * B * 1 * HQ * (D + 1) * 8 for s in small)
+    whole = 2 * B * 1025 * HKV * D * 8
+    assert all(abs(s[2] - whole / 4) <= 2 * B * HKV * D * 8 for s in large)
 
 
 def test_single_rank_and_empty_partials():

@@ -28,10 +28,18 @@ def _prompts(lengths: list[int], seed: int = 5):
 
 
 def _compare(kind: str, dt: str, layout: str, method: str, lengths: list[int], options: dict,
-             cp_seed: int = 11):
+             cp_seed: int = 11, registered: str = "ring", mesh=None):
     """On every rank: CP generate vs single-process generate of the same model (the
-    reference seeded with 11, the CP run on this rank with ``cp_seed``)."""
-    name = register(f"ctxpar_gen_{layout}", layout=layout)
+    reference seeded with 11, the CP run on this rank with ``cp_seed``). The model's
+    attention is registered with method ``registered`` on the world, or on
+    ``cp_mesh(mesh)`` (``[a2a, p2p]``)."""
+    group = None
+    if mesh is not None:
+        from ctxpar.dist.mesh import cp_mesh
+
+        group = cp_mesh(mesh)
+    name = register(f"ctxpar_gen_{registered}_{layout}", group=group, method=registered,
+                    layout=layout)
     ref = _model(kind, getattr(torch, dt)).eval()
     cp = copy.deepcopy(ref)
     cp.set_attn_implementation(name)
@@ -41,7 +49,7 @@ def _compare(kind: str, dt: str, layout: str, method: str, lengths: list[int], o
     torch.manual_seed(11)
     want = ref.generate(ids, attention_mask=mask, **kw)
     torch.manual_seed(cp_seed)
-    got = generate(cp, ids, attention_mask=mask, layout=layout, method=method, **kw)
+    got = generate(cp, ids, attention_mask=mask, group=group, layout=layout, method=method, **kw)
     err = max(float((a.double() - b.double()).abs().max() / b.double().abs().max())
               for a, b in zip(got.logits, want.logits))
     return bool(torch.equal(got.sequences, want.sequences)), err, tuple(got.sequences.shape)
@@ -50,14 +58,39 @@ def _compare(kind: str, dt: str, layout: str, method: str, lengths: list[int], o
 GREEDY = dict(max_new_tokens=32, min_new_tokens=32)
 
 
-# 13 tokens: no layout splits it on these groups (padded); batches of two lengths.
-@pytest.mark.parametrize("world,kind,layout,method,dt,lengths", [
-    (2, "llama", "zigzag", "auto", "float64", [13, 6]),
-    (3, "qwen3", "contiguous", "pass-q", "float64", [13]),
-    (4, "llama", "contiguous", "pass-kv", "float32", [13, 6]),
-    (2, "qwen3", "zigzag", "pass-q", "float32", [13, 6])])
-def test_greedy_matches_single_process(run_ranks, world, kind, layout, method, dt, lengths):
-    for same, err, shape in run_ranks(world, _compare, kind, dt, layout, method, lengths, GREEDY):
+# 13 tokens: no layout splits it on these groups (padded); batches of two lengths. The
+# attention registered with each training method (ulysses where the heads allow it at
+# training); generation attends through the cache whatever the method.
+@pytest.mark.parametrize("world,kind,layout,method,dt,lengths,registered", [
+    (2, "llama", "zigzag", "auto", "float64", [13, 6], "ring"),
+    (2, "qwen3", "zigzag", "pass-q", "float32", [13, 6], "ring"),
+    (2, "llama", "contiguous", "pass-kv", "float32", [13, 6], "ulysses"),
+    (2, "qwen3", "contiguous", "auto", "float64", [13], "allgather"),
+    (3, "qwen3", "contiguous", "pass-q", "float64", [13], "ring"),
+    (3, "llama", "zigzag", "auto", "float32", [13, 6], "allgather"),
+    (3, "qwen3", "zigzag", "pass-kv", "float64", [13, 6], "ring"),
+    (4, "llama", "contiguous", "pass-kv", "float32", [13, 6], "ring"),
+    (4, "qwen3", "zigzag", "pass-q", "float64", [13, 6], "allgather"),
+    (4, "llama", "zigzag", "auto", "float64", [13], "ring")])
+def test_greedy_matches_single_process(run_ranks, world, kind, layout, method, dt, lengths,
+                                       registered):
+    for same, err, shape in run_ranks(world, _compare, kind, dt, layout, method, lengths, GREEDY,
+                                      11, registered):
+        assert same and err < TOL[dt], (same, err)
+        assert shape == (len(lengths), 13 + 32)
+
+
+# The hybrid method on a [2, 2] mesh (a2a 2 x p2p 2): the prompt split as the hybrid layout
+# splits it (13 tokens padded to the mesh's multiple), pass-KV / pass-Q over the flat tour
+# of both axes, decode merged over both axes.
+@pytest.mark.parametrize("kind,layout,method,dt,lengths", [
+    ("llama", "zigzag", "auto", "float64", [13, 6]),
+    ("qwen3", "zigzag", "pass-q", "float32", [13, 6]),
+    ("qwen3", "contiguous", "pass-kv", "float64", [13]),
+    ("llama", "contiguous", "pass-q", "float32", [13, 6])])
+def test_hybrid_mesh_greedy_matches_single_process(run_ranks, kind, layout, method, dt, lengths):
+    for same, err, shape in run_ranks(4, _compare, kind, dt, layout, method, lengths, GREEDY,
+                                      11, "hybrid", [2, 2]):
         assert same and err < TOL[dt], (same, err)
         assert shape == (len(lengths), 13 + 32)
 

@@ -17,8 +17,12 @@ Every path computes *partials*: the ``(out, lse)`` of some queries against one r
   the queries' owners.
 - :func:`choose_prefill`: the rule of ``method="auto"``.
 
-Both prefills expect the new tokens already appended to the shards (``KVShard.append_prefill``)
-and a 1-D CP group. Shapes: ``q``/``out`` ``[B, Sq, Hq, D]``, ``lse`` ``[B, Hq, Sq]`` (fp32;
+Both prefills expect the new tokens already appended to the shards (``KVShard.append_prefill``).
+On a hierarchical mesh (``ring`` x ``ulysses``) the CP ranks are treated as one flat group:
+the prefills travel :func:`ring_tour` (a ring over every CP rank made of the mesh's own
+ring and Ulysses hops), pass-Q's partials return by :func:`all_to_all_cp`, and decode
+all-gathers over both axes; each rank's shard is its hybrid-layout tokens (``ShardSpec``
+on the mesh). Shapes: ``q``/``out`` ``[B, Sq, Hq, D]``, ``lse`` ``[B, Hq, Sq]`` (fp32;
 fp64 for fp64), ``q_slots`` ``[Sq]``.
 """
 from __future__ import annotations
@@ -36,7 +40,8 @@ from ctxpar.dist.topology import CPGroup, CPTopology
 from ctxpar.numerics import acc_dtype
 
 __all__ = ["shard_partial", "merge_partials", "decode_attention", "pass_kv", "pass_q",
-           "choose_prefill", "prefill_attention", "PREFILL_METHODS"]
+           "choose_prefill", "prefill_attention", "ring_tour", "all_to_all_cp",
+           "PREFILL_METHODS"]
 
 PREFILL_METHODS = ("pass-kv", "pass-q", "auto")
 _NEG_INF = float("-inf")
@@ -101,11 +106,39 @@ def decode_attention(q: torch.Tensor, q_slots: torch.Tensor, shard: KVShard, top
     return out.to(q.dtype), lse.contiguous()
 
 
-def _ring_group(topo: CPTopology) -> CPGroup:
-    if topo.is_mesh:
-        raise ValueError("pass-KV / pass-Q prefill against a KV cache needs a 1-D CP group; "
-                         f"got a mesh with axes {topo.mesh_axes}")
-    return topo.ring
+def ring_tour(topo: CPTopology) -> list[tuple[CPGroup | None, int]]:
+    """The ring over every CP rank that pass-KV and pass-Q travel, as ``N`` stops: stop
+    k's ``(group of the hop that reaches it, CP rank the block then held came from)``
+    (stop 0: ``(None, own CP rank)``).
+
+    On a 1-D group every hop goes to the next ring rank. On a mesh (``R`` ring x ``U``
+    Ulysses ranks) the CP ranks form one flat ring made of the mesh's own groups: ``U - 1``
+    hops to the next Ulysses rank, then one to the next ring rank, and so on (hop k is a
+    ring hop when ``k mod U == 0``). After k hops every rank holds the block of the rank
+    ``(k // U, k - k // U)`` behind it (ring, Ulysses offsets, modulo the axis sizes), so
+    the ``N`` stops visit every CP rank once and no process group is created."""
+    n_ring, n_uly = topo.ring.size, topo.ulysses.size
+    r, u = topo.ring.rank, topo.ulysses.rank
+    stops: list[tuple[CPGroup | None, int]] = []
+    for k in range(topo.size):
+        di = k // n_uly
+        grp = None if k == 0 else (topo.ring if k % n_uly == 0 else topo.ulysses)
+        stops.append((grp, ((r - di) % n_ring) * n_uly + (u - (k - di)) % n_uly))
+    return stops
+
+
+def all_to_all_cp(topo: CPTopology, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``parts[c]`` (one shape) goes to CP rank c; returns ``got[c]``, from CP rank c. On a
+    mesh: an all-to-all over the ring group (each message the ``U`` parts for one ring
+    rank), then one over the Ulysses group."""
+    n_ring, n_uly = topo.ring.size, topo.ulysses.size
+    # got[i][j]: from (ring i, my Ulysses rank) for (my ring rank, Ulysses j)
+    got = comms.all_to_all(topo.ring, [torch.stack(parts[i * n_uly:(i + 1) * n_uly])
+                                       for i in range(n_ring)])
+    # back[j][i]: from (ring i, Ulysses j) for this rank
+    back = comms.all_to_all(topo.ulysses, [torch.stack([got[i][j] for i in range(n_ring)])
+                                           for j in range(n_uly)])
+    return [back[j][i] for i in range(n_ring) for j in range(n_uly)]
 
 
 def _rotate(grp: CPGroup, blocks: list[torch.Tensor], shapes: list[tuple]) -> tuple:
@@ -120,16 +153,18 @@ def _rotate(grp: CPGroup, blocks: list[torch.Tensor], shapes: list[tuple]) -> tu
 def pass_kv(q: torch.Tensor, q_slots: torch.Tensor, shard: KVShard, topo: CPTopology,
             opts: AttnOptions):
     """This rank's new queries against every rank's shard, the shards travelling round the
-    ring (``N - 1`` hops of ``k, v, slots, valid``; each transfer is posted before the
-    current block's kernel). Returns ``(out, lse)`` for the local queries."""
-    grp = _ring_group(topo)
-    n, r = grp.size, grp.rank
+    CP ranks (:func:`ring_tour`; ``N - 1`` hops of ``k, v, slots, valid``; each transfer
+    is posted before the current block's kernel). Returns ``(out, lse)`` for the local
+    queries."""
+    stops = ring_tour(topo)
+    n = len(stops)
     cur = [shard.k, shard.v, shard.slots, shard.valid.to(torch.uint8)]
     out = lse = None
     for step in range(n):
         pend = None
         if step < n - 1:
-            m = shard.counts[(r - step - 1) % n]
+            grp, origin = stops[step + 1]
+            m = shard.counts[origin]
             shapes = [(t.shape[0], m, *t.shape[2:]) for t in cur[:2]] + [(m,), (cur[3].shape[0], m)]
             pend, nxt = _rotate(grp, cur, shapes)
         o, l = shard_partial(q, q_slots, cur[0], cur[1], cur[2], cur[3].bool(), opts)
@@ -145,24 +180,25 @@ def pass_kv(q: torch.Tensor, q_slots: torch.Tensor, shard: KVShard, topo: CPTopo
 
 def pass_q(q: torch.Tensor, q_slots: torch.Tensor, shard: KVShard, topo: CPTopology,
            opts: AttnOptions):
-    """This rank's new queries travel round the ring (``N - 1`` hops of ``q, slots``), each
-    rank computes the partial of every visiting block against its own shard, and one
-    all-to-all of ``[out, lse]`` brings the partials home, merged in rank order. Needs the
-    same number of new queries on every rank."""
-    grp = _ring_group(topo)
-    n, r = grp.size, grp.rank
+    """This rank's new queries travel round the CP ranks (:func:`ring_tour`; ``N - 1`` hops
+    of ``q, slots``), each rank computes the partial of every visiting block against its
+    own shard, and an all-to-all of ``[out, lse]`` (:func:`all_to_all_cp`) brings the
+    partials home, merged in CP rank order. Needs the same number of new queries on every
+    rank."""
+    stops = ring_tour(topo)
+    n = len(stops)
     parts: list[torch.Tensor | None] = [None] * n
     cur = [q, q_slots]
     for step in range(n):
         pend = None
         if step < n - 1:
-            pend, nxt = _rotate(grp, cur, [tuple(t.shape) for t in cur])
-        parts[(r - step) % n] = _pack(*shard_partial(cur[0], cur[1], shard.k, shard.v,
+            pend, nxt = _rotate(stops[step + 1][0], cur, [tuple(t.shape) for t in cur])
+        parts[stops[step][1]] = _pack(*shard_partial(cur[0], cur[1], shard.k, shard.v,
                                                      shard.slots, shard.valid, opts))
         if pend is not None:
             pend.wait()
             cur = nxt
-    back = comms.all_to_all(grp, parts) if n > 1 else parts
+    back = all_to_all_cp(topo, parts) if n > 1 else parts
     out, lse = merge_partials(torch.stack(back))
     return out.to(q.dtype), lse.contiguous()
 

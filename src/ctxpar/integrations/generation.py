@@ -20,7 +20,13 @@ that feed each rank its share of the prompt.
    attention is the merge of every rank's partial (:func:`ctxpar.attn.decode.decode_attention`).
 4. The registered attention function sees the cache (``ctxpar_cache`` in its kwargs) and
    calls :func:`cached_attention`: pass-KV / pass-Q for the prefill (``method``), decode over
-   shards afterwards.
+   shards afterwards, whatever the training method it was registered with (pass-KV on an
+   empty cache is a ring prefill that also honours the per-row padded keys, which the
+   training methods do not take).
+
+On a hierarchical mesh (``ctxpar.cp_mesh``, the hybrid method's group) each CP rank holds
+the hybrid layout's share of the prompt; the prefills travel one flat tour of all CP ranks
+(:func:`ctxpar.attn.decode.ring_tour`) and decode merges over both axes.
 """
 from __future__ import annotations
 
@@ -192,7 +198,9 @@ def _after_forward(cache: CPCache, module, args, kwargs, output):
     if cache.step.decode:
         return output
     logits = output.logits.contiguous()
-    comms.broadcast(cache.topo.ring, logits, cache.step.holder)
+    topo, holder = cache.topo, cache.step.holder  # CP rank = ring rank * U + Ulysses rank
+    comms.broadcast(topo.ulysses, logits, holder % topo.ulysses.size)  # within its ring row,
+    comms.broadcast(topo.ring, logits, holder // topo.ulysses.size)  # then down each column
     output.logits = logits
     return output
 
@@ -268,11 +276,13 @@ def generate(model, input_ids: torch.Tensor, *, group=None, method: str = "auto"
              **generate_kwargs):
     """``model.generate(input_ids, attention_mask=..., **generate_kwargs)`` under CP.
 
-    Call it on every rank of ``group`` (a 1-D CP group; resolved by
-    :func:`ctxpar.dist.topology.resolve`) with the same arguments; every rank returns what
-    ``model.generate`` returns in one process. ``model`` must use a ctxpar attention
-    registered with the same ``group`` and ``layout``
-    (``ctxpar.integrations.transformers.register``). ``method``: the prefill ("pass-kv",
+    Call it on every rank of ``group`` (a 1-D CP group or a ``ctxpar.cp_mesh`` mesh;
+    resolved by :func:`ctxpar.dist.topology.resolve`) with the same arguments; every rank
+    returns what ``model.generate`` returns in one process. ``model`` must use a ctxpar
+    attention registered with the same ``group`` and ``layout``
+    (``ctxpar.integrations.transformers.register``); whatever its training method (ring,
+    ulysses, allgather, hybrid), generation attends through the cache as below, the group
+    and layout deciding who holds which token. ``method``: the prefill ("pass-kv",
     "pass-q" or "auto", see :func:`ctxpar.attn.decode.choose_prefill`); ``layout``: how
     the prompt is split. ``input_ids`` ``[B, S]`` with an optional left-padding
     ``attention_mask`` ``[B, S]``. Greedy search, sampling, ``max_new_tokens``,
