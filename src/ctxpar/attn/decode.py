@@ -52,9 +52,13 @@ def shard_partial(q: torch.Tensor, q_slots: torch.Tensor, k: torch.Tensor, v: to
     """``(out, lse)`` of ``q`` ``[B, Sq, Hq, D]`` against one shard's keys ``[B, Sk, Hkv, D]``
     (``out`` in the accumulation dtype); rows that see no key: ``out = 0``, ``lse = -inf``.
 
-    Tiles from the slots (:func:`ctxpar.attn.slotplan.plan_slots`): band masks where the
-    slots are evenly spaced and every key of the tile is valid; a dense ``[B, m, n]`` slot
-    mask only for a tile with padded keys or of mixed spacing."""
+    When every query may see every key (a decode step without a window) one kernel call
+    covers the shard. Otherwise tiles from the slots
+    (:func:`ctxpar.attn.slotplan.plan_slots`): band masks where the slots are evenly spaced
+    and every key of the tile is valid; a dense ``[B, m, n]`` slot mask only for a tile
+    with padded keys or of mixed spacing."""
+    if _sees_every_key(q_slots, k_slots, opts):
+        return _whole_shard(q, k, v, k_valid, opts)
     acc = OutputAccumulator(q, v.shape[-1])
     cdt = acc.out.dtype
     tiles = plan_slots(q_slots, k_slots, causal=opts.causal, window=opts.window,
@@ -73,6 +77,30 @@ def shard_partial(q: torch.Tensor, q_slots: torch.Tensor, k: torch.Tensor, v: to
                                  backend=opts.backend, mask=mask)
         acc.add(tile, out.to(cdt), lse.to(cdt))
     return acc.result()
+
+
+def _sees_every_key(q_slots: torch.Tensor, k_slots: torch.Tensor, opts: AttnOptions) -> bool:
+    """True when every query slot may see every key slot (validity aside): decode's
+    common case, causal with no window and every cached key at or before the queries."""
+    if not k_slots.numel() or not q_slots.numel():
+        return False
+    left, right = opts.window
+    kmin, kmax = int(k_slots.min()), int(k_slots.max())
+    qmin, qmax = int(q_slots.min()), int(q_slots.max())
+    return ((not opts.causal or kmax <= qmin) and (left < 0 or qmax - kmin <= left)
+            and (right < 0 or kmax - qmin <= right))
+
+
+def _whole_shard(q, k, v, k_valid: torch.Tensor, opts: AttnOptions):
+    """One kernel call over the whole shard (the valid keys as a per-row mask when some
+    are padding) instead of a tile per slot run and the merges between them: a decode
+    step's partial is then one call per layer, like one process's attention."""
+    b, sq = q.shape[:2]
+    mask = None if bool(k_valid.all()) else k_valid[:, None, :].expand(b, sq, k.shape[1])
+    out, lse = block_forward(q, k, v, band=FULL, scale=opts.scale, backend=opts.backend,
+                             mask=mask)
+    cdt = acc_dtype(q.dtype)
+    return out.to(cdt), lse.to(cdt)
 
 
 def _pack(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
