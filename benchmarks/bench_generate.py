@@ -13,7 +13,10 @@ one-process run is in this process, on one thread too.
 Each side runs one warm-up generation, then ``--repeats`` timed ones; the table gives
 medians over them. *Prefill* is the time from the call to the first new token (the
 slowest rank's), *decode* the time per new token after it (the slowest rank's). Speedup
-= one process / N ranks; decode ratio = N ranks / one process (lower is better).
+= one process / N ranks; decode ratio = N ranks / one process (lower is better). As wall
+times on a loaded machine mostly measure the load, CPU seconds are given too: prefill CPU
+efficiency = one process's CPU time / (N x the largest rank's), and the decode CPU ratio
+= the largest rank's CPU time per token / one process's.
 
 Where the time goes, per phase (seconds summed over the phase, medians over rounds): the
 attention function's time is measured by registering a timed wrapper of the attention
@@ -78,21 +81,23 @@ def _build(s: int, new: int, name: str):
 
 
 def _generate_once(call, box: list, model, ids: torch.Tensor, new: int) -> dict:
-    """One timed greedy generation; the phases split at the first new token."""
+    """One timed greedy generation; the phases split at the first new token. ``wall``
+    and ``cpu`` (this process's CPU seconds: what the phase cost it, whatever else the
+    machine runs) per phase; decode figures are per new token after the first."""
     timer = _Timer()
     box[0] = timer
-    marks: list[tuple[float, float, float]] = []  # (time, attn, forward) at each put
+    marks: list[tuple[float, float, float, float]] = []  # (wall, cpu, attn, forward) per put
 
     class _Streamer:
         def put(self, value):
-            marks.append((time.perf_counter(), timer.attn, timer.forward))
+            marks.append((time.perf_counter(), time.process_time(), timer.attn, timer.forward))
 
         def end(self):
             pass
 
     hooks = [model.register_forward_pre_hook(timer.before),
              model.register_forward_hook(timer.after)]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         with torch.no_grad():
             out = call(ids, do_sample=False, pad_token_id=0, eos_token_id=None,
@@ -101,11 +106,12 @@ def _generate_once(call, box: list, model, ids: torch.Tensor, new: int) -> dict:
     finally:
         for h in hooks:
             h.remove()
-    (t1, a1, f1), (t2, a2, f2) = marks[1], marks[-1]
+    (t1, c1, a1, f1), (t2, c2, a2, f2) = marks[1], marks[-1]
     steps = len(marks) - 2
-    return {"prefill": {"wall": t1 - t0, "attn": a1, "model": f1 - a1, "loop": t1 - t0 - f1},
-            "decode": {"wall": (t2 - t1) / steps, "attn": (a2 - a1) / steps,
-                       "model": (f2 - f1 - (a2 - a1)) / steps,
+    return {"prefill": {"wall": t1 - t0, "cpu": c1 - c0, "attn": a1, "model": f1 - a1,
+                        "loop": t1 - t0 - f1},
+            "decode": {"wall": (t2 - t1) / steps, "cpu": (c2 - c1) / steps,
+                       "attn": (a2 - a1) / steps, "model": (f2 - f1 - (a2 - a1)) / steps,
                        "loop": (t2 - t1 - (f2 - f1)) / steps},
             "cache": out.cache}
 
@@ -191,10 +197,12 @@ def rank_side(s: int, new: int, repeats: int, method: str, layout: str) -> dict:
 
 
 def _slowest(per_rank: list[dict]) -> dict:
-    """Per phase: the slowest rank's wall time, with that rank's breakdown."""
+    """Per phase: the slowest rank's wall time, with that rank's breakdown, and the
+    largest CPU time of any rank."""
     out = {}
     for ph in ("prefill", "decode"):
-        out[ph] = max((r[ph] for r in per_rank), key=lambda x: x["wall"])
+        out[ph] = dict(max((r[ph] for r in per_rank), key=lambda x: x["wall"]))
+        out[ph]["cpu"] = max(r[ph]["cpu"] for r in per_rank)
     out["kv_bytes"] = max(r["kv_bytes"] for r in per_rank)
     out["partial"] = max(r["partial"] for r in per_rank)
     return out
@@ -219,10 +227,10 @@ def main(argv=None) -> int:
     worlds = [int(x) for x in args.worlds.split(",")]
     cores = len(os.sched_getaffinity(0))
     rows = []
-    print(f"| S | N | prefill s | speedup | decode ms/token | decode vs 1 | KV MB/rank (of 1) | "
-          f"prefill attn / model / loop s | decode attn / model / loop ms | "
-          f"decode partial / collective ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| S | N | prefill s | speedup | CPU eff. | decode ms/token | decode vs 1 | "
+          "decode CPU vs 1 | KV MB/rank (of 1) | prefill attn / model / loop s | "
+          "decode attn / model / loop ms | decode partial / collective ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in seqs:
         one = one_process(s, args.new, args.repeats)
         rows.append({"S": s, "N": 1, **one})
@@ -242,14 +250,17 @@ def main(argv=None) -> int:
 
 
 def _print_row(s: int, n: int, r: dict, one: dict) -> None:
+    """One table row. CPU efficiency: one process's prefill CPU seconds over N x the
+    largest rank's (1.0: the work split evenly with nothing added)."""
     pre, dec = r["prefill"], r["decode"]
     mb = r["kv_bytes"] / 2 ** 20
     split = "" if n == 1 else (f"{1e3 * r['partial']:.3g} / "
                                f"{1e3 * (dec['attn'] - r['partial']):.3g}")
     print(f"| {s} | {n} | {pre['wall']:.3f} | {one['prefill']['wall'] / pre['wall']:.2f} | "
-          f"{1e3 * dec['wall']:.2f} | {dec['wall'] / one['decode']['wall']:.2f} | "
+          f"{one['prefill']['cpu'] / (n * pre['cpu']):.2f} | {1e3 * dec['wall']:.2f} | "
+          f"{dec['wall'] / one['decode']['wall']:.2f} | {dec['cpu'] / one['decode']['cpu']:.2f} | "
           f"{mb:.2f} ({one['kv_bytes'] / 2 ** 20:.2f}) | {_fmt_phase(pre)} | "
-          f"{_fmt_phase(dec, 1e3)} | {split} |")
+          f"{_fmt_phase(dec, 1e3)} | {split} |", flush=True)
 
 
 if __name__ == "__main__":
