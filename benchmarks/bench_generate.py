@@ -18,16 +18,18 @@ times on a loaded machine mostly measure the load, CPU seconds are given too: pr
 efficiency = one process's CPU time / (N x the largest rank's), and the decode CPU ratio
 = the largest rank's CPU time per token / one process's.
 
-Where the time goes, per phase (seconds summed over the phase, medians over rounds): the
-attention function's time is measured by registering a timed wrapper of the attention
+Where the time goes, per phase, in CPU seconds of the process (prefill: the whole phase;
+decode: per token; medians over rounds; the rank of the slowest wall time): the attention
+function's time is measured by registering a timed wrapper of the attention
 (``AttentionInterface``; ctxpar's, or transformers' SDPA for one process); *model* is the
 rest of the model's forward (embeddings, projections, RoPE, MLPs, norms, lm_head: the
-token-wise work, replicated in decode and split in prefill); *loop* is ``generate()``
-outside the forwards (HF's logits processing and stopping criteria, ctxpar's per-token
-agreement check and the hooks). Under CP the decode attention is split once more into
-*local partial* (this rank's partial against its shard, timed afterwards on the real
-shard) and *collective* (the rest: the all-gather of ``[out, lse]``, the merge, and any
-wait for a slower rank). KV bytes: per rank (the largest) and of the one-process cache.
+token-wise work, replicated in decode and split in prefill; in one process also HF's
+causal mask); *loop* is ``generate()`` outside the forwards (HF's logits processing and
+stopping criteria, ctxpar's per-token agreement check and the hooks). Under CP the decode
+attention is split once more into this rank's *partial* against its shard (timed
+afterwards on the real shards) and the *rest* (the all-gather of ``[out, lse]`` with its
+gloo threads, the merge). A wait for another rank costs wall time, not CPU. KV bytes: per
+rank (the largest) and of the one-process cache.
 
 N = 4 on a 2-core machine oversubscribes it; times on a shared machine are noisy: read
 the medians and ratios.
@@ -50,25 +52,36 @@ _MODEL = dict(vocab_size=256, hidden=64, layers=2, heads=4, kv_heads=2)
 
 
 class _Timer:
-    """Seconds spent in the attention function and in the model's forward (forward hooks)."""
+    """Wall and CPU seconds spent in the attention function and in the model's forward
+    (forward hooks): ``attn``/``forward`` are ``[wall, cpu]``."""
 
     def __init__(self) -> None:
-        self.attn = self.forward = 0.0
-        self._t0 = 0.0
+        self.attn, self.forward = [0.0, 0.0], [0.0, 0.0]
+        self._t0 = (0.0, 0.0)
 
     def before(self, *args, **kwargs) -> None:
-        self._t0 = time.perf_counter()
+        self._t0 = _now()
 
     def after(self, *args, **kwargs) -> None:
-        self.forward += time.perf_counter() - self._t0
+        _add(self.forward, self._t0)
+
+
+def _now() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _add(acc: list, t0: tuple[float, float]) -> None:
+    t1 = _now()
+    acc[0] += t1[0] - t0[0]
+    acc[1] += t1[1] - t0[1]
 
 
 def _timed_attention(timer_box: list, fn):
     """An attention function that adds ``fn``'s time to the current timer."""
     def timed(*args, **kwargs):
-        t0 = time.perf_counter()
+        t0 = _now()
         out = fn(*args, **kwargs)
-        timer_box[0].attn += time.perf_counter() - t0
+        _add(timer_box[0].attn, t0)
         return out
     return timed
 
@@ -86,18 +99,18 @@ def _generate_once(call, box: list, model, ids: torch.Tensor, new: int) -> dict:
     machine runs) per phase; decode figures are per new token after the first."""
     timer = _Timer()
     box[0] = timer
-    marks: list[tuple[float, float, float, float]] = []  # (wall, cpu, attn, forward) per put
+    marks: list[tuple] = []  # (wall, cpu, attn [wall, cpu], forward [wall, cpu]) per put
 
     class _Streamer:
         def put(self, value):
-            marks.append((time.perf_counter(), time.process_time(), timer.attn, timer.forward))
+            marks.append((*_now(), tuple(timer.attn), tuple(timer.forward)))
 
         def end(self):
             pass
 
     hooks = [model.register_forward_pre_hook(timer.before),
              model.register_forward_hook(timer.after)]
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = _now()
     try:
         with torch.no_grad():
             out = call(ids, do_sample=False, pad_token_id=0, eos_token_id=None,
@@ -106,14 +119,25 @@ def _generate_once(call, box: list, model, ids: torch.Tensor, new: int) -> dict:
     finally:
         for h in hooks:
             h.remove()
-    (t1, c1, a1, f1), (t2, c2, a2, f2) = marks[1], marks[-1]
-    steps = len(marks) - 2
-    return {"prefill": {"wall": t1 - t0, "cpu": c1 - c0, "attn": a1, "model": f1 - a1,
-                        "loop": t1 - t0 - f1},
-            "decode": {"wall": (t2 - t1) / steps, "cpu": (c2 - c1) / steps,
-                       "attn": (a2 - a1) / steps, "model": (f2 - f1 - (a2 - a1)) / steps,
-                       "loop": (t2 - t1 - (f2 - f1)) / steps},
+    first, last = marks[1], marks[-1]
+    start = (t0, c0, (0.0, 0.0), (0.0, 0.0))
+    return {"prefill": _phase(start, first, 1), "decode": _phase(first, last, len(marks) - 2),
             "cache": out.cache}
+
+
+def _phase(a: tuple, b: tuple, steps: int) -> dict:
+    """Between two marks, per step: wall and CPU seconds, and the split into attention,
+    the rest of the forward (``model``) and ``loop`` (outside the forwards), each
+    ``[wall, cpu]``."""
+    out = {"wall": (b[0] - a[0]) / steps, "cpu": (b[1] - a[1]) / steps}
+    for i, key in enumerate(("wall_", "cpu_")):
+        attn = b[2][i] - a[2][i]
+        fwd = b[3][i] - a[3][i]
+        total = b[i] - a[i]
+        out[key + "attn"] = attn / steps
+        out[key + "model"] = (fwd - attn) / steps
+        out[key + "loop"] = (total - fwd) / steps
+    return out
 
 
 def _medians(rounds: list[dict]) -> dict:
@@ -146,8 +170,8 @@ def one_process(s: int, new: int, repeats: int) -> dict:
 
 
 def _partial_time(cache, s_total: int, repeats: int = 20) -> float:
-    """Seconds of this rank's decode partials (every layer) against its real shards: one
-    query at the next slot, the median of ``repeats`` calls."""
+    """CPU seconds of this rank's decode partials (every layer) against its real shards:
+    one query at the next slot, the median of ``repeats`` calls."""
     from ctxpar.attn.decode import shard_partial
     from ctxpar.attn.options import AttnOptions
 
@@ -157,10 +181,10 @@ def _partial_time(cache, s_total: int, repeats: int = 20) -> float:
     slot = torch.tensor([s_total])
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for sh in shards:
             shard_partial(q, slot, sh.k, sh.v, sh.slots, sh.valid, opts)
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     return statistics.median(times)
 
 
@@ -209,7 +233,7 @@ def _slowest(per_rank: list[dict]) -> dict:
 
 
 def _fmt_phase(p: dict, scale: float = 1.0) -> str:
-    return " / ".join(f"{p[k] * scale:.3g}" for k in ("attn", "model", "loop"))
+    return " / ".join(f"{p['cpu_' + k] * scale:.3g}" for k in ("attn", "model", "loop"))
 
 
 def main(argv=None) -> int:
@@ -228,8 +252,8 @@ def main(argv=None) -> int:
     cores = len(os.sched_getaffinity(0))
     rows = []
     print("| S | N | prefill s | speedup | CPU eff. | decode ms/token | decode vs 1 | "
-          "decode CPU vs 1 | KV MB/rank (of 1) | prefill attn / model / loop s | "
-          "decode attn / model / loop ms | decode partial / collective ms |")
+          "decode CPU vs 1 | KV MB/rank (of 1) | prefill CPU attn / model / loop s | "
+          "decode CPU attn / model / loop ms | decode CPU partial / rest of attn ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in seqs:
         one = one_process(s, args.new, args.repeats)
@@ -255,7 +279,7 @@ def _print_row(s: int, n: int, r: dict, one: dict) -> None:
     pre, dec = r["prefill"], r["decode"]
     mb = r["kv_bytes"] / 2 ** 20
     split = "" if n == 1 else (f"{1e3 * r['partial']:.3g} / "
-                               f"{1e3 * (dec['attn'] - r['partial']):.3g}")
+                               f"{1e3 * (dec['cpu_attn'] - r['partial']):.3g}")
     print(f"| {s} | {n} | {pre['wall']:.3f} | {one['prefill']['wall'] / pre['wall']:.2f} | "
           f"{one['prefill']['cpu'] / (n * pre['cpu']):.2f} | {1e3 * dec['wall']:.2f} | "
           f"{dec['wall'] / one['decode']['wall']:.2f} | {dec['cpu'] / one['decode']['cpu']:.2f} | "
