@@ -44,6 +44,7 @@ __all__ = ["shard_partial", "merge_partials", "decode_attention", "pass_kv", "pa
            "PREFILL_METHODS"]
 
 PREFILL_METHODS = ("pass-kv", "pass-q", "auto")
+_MATH_DECODE_ROWS = 8  # up to this many query rows a CPU partial over a whole shard uses math
 _NEG_INF = float("-inf")
 
 
@@ -94,11 +95,16 @@ def _sees_every_key(q_slots: torch.Tensor, k_slots: torch.Tensor, opts: AttnOpti
 def _whole_shard(q, k, v, k_valid: torch.Tensor, opts: AttnOptions):
     """One kernel call over the whole shard (the valid keys as a per-row mask when some
     are padding) instead of a tile per slot run and the merges between them: a decode
-    step's partial is then one call per layer, like one process's attention."""
+    step's partial is then one call per layer, like one process's attention. A few query
+    rows on CPU take the math path: it reads K and V once with the query heads grouped,
+    where the fused CPU kernel first copies them to every query head (measured 2x faster
+    at one query and 16k keys, 1.3x at 8k)."""
     b, sq = q.shape[:2]
     mask = None if bool(k_valid.all()) else k_valid[:, None, :].expand(b, sq, k.shape[1])
-    out, lse = block_forward(q, k, v, band=FULL, scale=opts.scale, backend=opts.backend,
-                             mask=mask)
+    backend = opts.backend
+    if backend == "auto" and q.device.type == "cpu" and sq <= _MATH_DECODE_ROWS:
+        backend = "math"
+    out, lse = block_forward(q, k, v, band=FULL, scale=opts.scale, backend=backend, mask=mask)
     cdt = acc_dtype(q.dtype)
     return out.to(cdt), lse.to(cdt)
 
