@@ -127,7 +127,7 @@ def _apply(layer, z: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     acc = delta.dtype
     base = F.linear(z, layer.down_proj.weight, layer.down_proj.bias).to(acc)
     with without_autocast(z.device.type):
-        fast = torch.bmm(z.to(acc), (layer.ttt_eta.to(acc) * delta).transpose(1, 2))
+        fast = torch.bmm(z.to(acc), delta.transpose(1, 2)) * layer.ttt_eta.to(acc)  # no η·delta copy
     return (base + fast).to(z.dtype)
 
 
