@@ -100,9 +100,10 @@ def build_plan(cfg, topo: CPTopology, local_len: int, cu_seqlens=None) -> Plan:
     document per rank, touching pieces merged), so its carries and gathered bytes grow
     with the number of documents."""
     c = cfg.chunk_size
-    # One process holds the sequence as it is, whatever the layout: zigzag's even-length
+    # One process holds a plain sequence as it is, whatever the layout: zigzag's even-length
     # rule would refuse an odd padded length (chunk_size 1, or an odd chunk) for nothing.
-    layout = cfg.layout if topo.size > 1 else "contiguous"
+    # (Packed documents keep the layout: shard_packed pads each document by its rule.)
+    layout = "contiguous" if topo.size == 1 and cu_seqlens is None else cfg.layout
     spec = ShardSpec.make(get_layout(layout), topo, local_len, cu_seqlens)
     runs, seq_len, starts = [spec.runs(q) for q in range(topo.size)], spec.seq_len, spec.doc_starts
     held = owners_of_runs([[start for start, _ in rank] for rank in runs])
