@@ -61,8 +61,11 @@ class TTTCache(DynamicCache):
                          "is not undone (assisted decoding and prompt lookup are unsupported)")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise ValueError(f"TTTCache cannot repeat its batch ({repeats} times): pass the prompts "
-                         "already repeated")
+        if len(self.ttt_states):  # before the prompt (num_return_sequences) there is no state
+            raise ValueError(f"TTTCache cannot repeat the rows of its fast-weight state ({repeats} times)")
+        super().batch_repeat_interleave(repeats)
 
     def batch_select_indices(self, indices) -> None:
-        raise ValueError("TTTCache cannot select rows of its batch")
+        if len(self.ttt_states):
+            raise ValueError("TTTCache cannot select rows of its fast-weight state")
+        super().batch_select_indices(indices)

@@ -257,6 +257,7 @@ class InPlaceTTTMLP(nn.Module):
         return out[:, :s] if pad else out
 
     def _cached_forward(self, x, embeddings, gen):
+        """Inside ``generate()`` (a cache with TTT state): the prompt, or decode tokens."""
         topo = resolve(self.group)
         if topo.size > 1 and gen.layout is not None and gen.layout != self.config.layout:
             raise ValueError(f"the generation cache shards the prompt with layout={gen.layout!r}, "
