@@ -40,3 +40,14 @@ def test_zero_batch_size_is_rejected():
 @pytest.mark.parametrize("hcp", [("0", "2"), ("2", "-1")])
 def test_nonpositive_hcp_is_rejected(hcp):
     _assert_rejected(_train("--hcp", *hcp), f"--hcp {hcp[0]} {hcp[1]}")
+
+
+@pytest.mark.parametrize("args,named", [
+    (("--ttt", "--ttt-layers", "0", "2"), ("--ttt-layers [2]", "--layers 2")),
+    (("--ttt", "--ttt-chunk", "0"), ("--ttt-chunk", "0")),
+    (("--ttt", "--ttt-lr", "nan"), ("--ttt-lr", "nan")),
+    (("--ttt-chunk", "8",), ("--ttt-chunk", "need --ttt")),
+    (("--ttt", "--ttt-target", "mlp_output"), ("--ttt-target", "mlp_output")),
+])
+def test_bad_ttt_flags_are_rejected(args, named):
+    _assert_rejected(_train(*args), *named)

@@ -76,6 +76,22 @@ def test_ttt_on_a_hierarchical_mesh_matches_one_process(tmp_path):
     assert eq["passed"] and eq["grad_norm_rel_diff"] <= eq["tolerance"], eq
 
 
+def test_ttt_flags_and_any_seq_len_match_one_process(tmp_path):
+    # The release's settings as flags, and a length that neither the layout (zigzag on 2
+    # ranks: multiples of 4) nor the chunk divides: the worker pads to whole chunks.
+    flags = ["--ttt", "--ttt-layers", "0", "1", "--ttt-lr", "1.5", "--ttt-chunk", "16",
+             "--ttt-target", "input_embed"]
+    proc = _ctxpar([*SMOKE[:2], "--seq-len", "150", *SMOKE[4:], *flags, "--out", str(tmp_path)])
+    out, err = _finish(proc, 300)  # about 50 s alone; a loaded machine took over 180 s once
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{err}"
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    c = metrics["config"]
+    assert (c["ttt_layers"], c["ttt_lr"], c["ttt_chunk"], c["ttt_target"]) == ([0, 1], 1.5, 16, "input_embed")
+    eq = metrics["equivalence"]
+    assert eq["passed"] and eq["grad_norm_rel_diff"] <= eq["tolerance"], eq
+    assert "In-Place TTT in layers [0, 1]" in out
+
+
 def test_failing_rank_stops_the_run(tmp_path):
     start = time.monotonic()
     proc = _ctxpar([*SMOKE, "--steps", "50", "--fail-rank", "1", "--fail-step", "1"])

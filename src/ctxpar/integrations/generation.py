@@ -49,6 +49,7 @@ from ctxpar.dist.topology import CPTopology, resolve
 from ctxpar.sequence.layouts import get_layout
 from ctxpar.sequence.sharding import shard
 from ctxpar.sequence.spec import cp_multiple
+from ctxpar.ttt.stream import TTTStates
 
 __all__ = ["CPCache", "CPShardLayer", "cached_attention", "generate", "UNSUPPORTED"]
 
@@ -125,6 +126,7 @@ class CPCache(Cache):
         self.topo, self.layout, self.method = topo, get_layout(layout).name, method
         self.group = group_signature(topo)
         self.step: _Step | None = None
+        self.ttt_states = TTTStates()  # In-Place TTT layers' fast weights (ctxpar.ttt.stream)
         super().__init__(layers=[CPShardLayer(self) for _ in range(num_layers)])
 
     @property

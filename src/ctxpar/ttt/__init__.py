@@ -6,6 +6,7 @@
 - :mod:`~ctxpar.ttt.ops`: the fast-weight autograd Function (forward and backward);
 - :mod:`~ctxpar.ttt.names`: state-dict names and orientation of the official release;
 - :mod:`~ctxpar.ttt.convert`: the Hugging Face drop-in, with the release's settings;
+- :mod:`~ctxpar.ttt.stream`: generation state (per-row fast weights in a cache, O(|W|) decode);
 - :mod:`~ctxpar.ttt.reference`: the float64 token loop the tests and ``ctxpar verify``
   compare with.
 """

@@ -4,6 +4,7 @@ hooks (no patching) that hand the layers the token embeddings and the decoder la
 packed-document boundaries."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ctxpar.ttt.layer import InPlaceTTTMLP, TTTConfig
@@ -38,6 +39,34 @@ class _DocumentTap:
 
     def leave(self, module, args, kwargs, output):
         self.value = self.positions = None
+
+
+class _GenerationTap:
+    """Holds, while the model runs, what generation needs that a decoder layer does not
+    hand its MLP: the cache's TTT state (``ttt_states``, a :class:`ctxpar.ttt.stream.TTTStates`,
+    which :class:`ctxpar.integrations.ttt_generation.TTTCache` and the CP generation cache
+    carry), the cache's CP layout if it has one, and the 2-D ``attention_mask`` (left
+    padding). A cache without TTT state that already holds tokens cannot continue a
+    converted model (its fast weights are gone): ValueError naming the fix."""
+
+    def __init__(self):
+        self.states = self.mask = self.layout = None
+
+    def enter(self, module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        states = getattr(cache, "ttt_states", None)
+        if cache is not None and states is None and cache.get_seq_length() > 0:
+            raise ValueError(
+                f"this model has In-Place TTT layers, whose fast weights a {type(cache).__name__} "
+                f"holding {cache.get_seq_length()} tokens does not carry: generate with "
+                "cache=ctxpar.integrations.ttt_generation.TTTCache(model) (one process) or "
+                "ctxpar.integrations.transformers.generate (CP)")
+        mask = kwargs.get("attention_mask")
+        self.states, self.layout = states, getattr(cache, "layout", None)
+        self.mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
+
+    def leave(self, module, args, kwargs, output):
+        self.states = self.mask = self.layout = None
 
 
 def _decoder_layers(model: nn.Module):
@@ -157,7 +186,10 @@ def convert(model: nn.Module, *, layers=None, ttt_layers=None, ttt_lr=None, ttt_
     already = [i for i in layers if isinstance(stack[i].mlp, InPlaceTTTMLP)]
     if already:
         raise ValueError(f"layer {already[0]} is already converted")
-    tap = None
+    tap, gen = None, _GenerationTap()
+    # always_call: cleared even when the model raises, so no stale state lingers.
+    model.register_forward_pre_hook(gen.enter, with_kwargs=True)
+    model.register_forward_hook(gen.leave, with_kwargs=True, always_call=True)
     if cfg.target == "input_embed":
         tap = _EmbeddingTap()
         model.get_input_embeddings().register_forward_hook(tap)
@@ -165,6 +197,7 @@ def convert(model: nn.Module, *, layers=None, ttt_layers=None, ttt_lr=None, ttt_
         new = InPlaceTTTMLP(stack[i].mlp, config=cfg, group=group)
         new._embedding_tap = tap
         new._document_tap = _DocumentTap()
+        new._generation_tap = gen
         stack[i].register_forward_pre_hook(new._document_tap.enter, with_kwargs=True)
         # always_call: cleared even when the layer raises, so no stale boundaries linger.
         stack[i].register_forward_hook(new._document_tap.leave, with_kwargs=True, always_call=True)

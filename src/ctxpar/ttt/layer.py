@@ -58,7 +58,8 @@ from ctxpar.sequence.spec import ShardSpec
 from ctxpar.ttt.checks import check_agreement, positions_error
 from ctxpar.ttt.names import rename_for_save, translate_for_load
 from ctxpar.ttt.ops import TTTApply, chunk_delta, without_autocast
-from ctxpar.ttt.plan import Plan, build_plan
+from ctxpar.ttt.plan import Plan, build_plan, extend_last_document
+from ctxpar.ttt.stream import TTTState, cached_forward
 
 __all__ = ["TTTConfig", "InPlaceTTTMLP", "TTTState"]
 
@@ -110,17 +111,6 @@ class TTTConfig:
                 f"layout='contiguous' or 'zigzag'")
         if self.scan_algorithm not in ALGORITHMS:
             raise ValueError(f"scan_algorithm must be one of {ALGORITHMS}, got {self.scan_algorithm!r}")
-
-
-@dataclasses.dataclass
-class TTTState:
-    """Streaming state: ``delta`` ``[B, D, F]`` is Σ of the completed chunks' ΔW (carry dtype);
-    ``t_buf`` ``[B, n, D]`` / ``z_buf`` ``[B, n, F]`` hold the n < C tokens of the open chunk."""
-
-    delta: torch.Tensor
-    t_buf: torch.Tensor
-    z_buf: torch.Tensor
-    position: int = 0
 
 
 class InPlaceTTTMLP(nn.Module):
@@ -176,6 +166,7 @@ class InPlaceTTTMLP(nn.Module):
             self.register_buffer("ttt_eta", eta, persistent=False)
         self._embedding_tap = None  # set by convert(ttt_target="input_embed")
         self._document_tap = None  # set by convert(): the decoder layer's packed documents
+        self._generation_tap = None  # set by convert(): the cache's TTT state in generate()
 
     def extra_repr(self) -> str:
         c = self.config
@@ -248,6 +239,9 @@ class InPlaceTTTMLP(nn.Module):
             position_ids = tap.positions
         if x.dim() != 3:
             raise ValueError(f"expected x of shape [batch, seq, hidden], got {tuple(x.shape)}")
+        gen = self._generation_tap
+        if gen is not None and gen.states is not None:  # generate(): see ctxpar.ttt.stream
+            return self._cached_forward(x, embeddings, gen)
         source = self._checked_target_source(x, embeddings, cu_seqlens, position_ids)
         if x.shape[1] == 0:  # every rank (the check above) has no tokens: nothing to scan
             self.plan(0, cu_seqlens)
@@ -256,11 +250,22 @@ class InPlaceTTTMLP(nn.Module):
         s, pad = x.shape[1], self._tail_padding(x.shape[1])
         if pad:  # zero rows: no ΔW, and the conv sees zeros past the end, as the release
             z, source = F.pad(z, (0, 0, 0, pad)), F.pad(source, (0, 0, 0, pad))
-            cu_seqlens = _extend_last_document(cu_seqlens, s + pad)
+            cu_seqlens = extend_last_document(cu_seqlens, s + pad)
         plan = self.plan(s + pad, cu_seqlens)
         v = self.targets(source)
         out = TTTApply.apply(z, v, self.down_proj.weight, self.down_proj.bias, self.ttt_eta, plan)
         return out[:, :s] if pad else out
+
+    def _cached_forward(self, x, embeddings, gen):
+        """Inside ``generate()`` (a cache with TTT state): the prompt, or decode tokens."""
+        topo = resolve(self.group)
+        if topo.size > 1 and gen.layout is not None and gen.layout != self.config.layout:
+            raise ValueError(f"the generation cache shards the prompt with layout={gen.layout!r}, "
+                             f"this TTT layer expects layout={self.config.layout!r}")
+        prompt = gen.states.get(self) is None and topo.size > 1
+        pos = self._positions(topo, x.shape[1], x.device) if prompt else None
+        return cached_forward(self, self.activations(x), self._target_source(x, embeddings),
+                              gen.states, gen.mask, topo, pos)
 
     def _tail_padding(self, local_len: int) -> int:
         """Rows that complete a trailing partial chunk on one process (0 under CP, where
@@ -385,12 +390,3 @@ class InPlaceTTTMLP(nn.Module):
             return z_all.new_zeros(bsz, 0, d), state
         return torch.cat(outs, 1), state
 
-
-def _extend_last_document(cu_seqlens, total: int):
-    """``cu_seqlens`` with its last boundary moved to ``total`` (padding joins the last
-    document, so no chunk of it resets); None stays None."""
-    if cu_seqlens is None:
-        return None
-    cu = torch.as_tensor(cu_seqlens).clone()
-    cu[-1] = total
-    return cu

@@ -57,7 +57,7 @@ from ctxpar.numerics import acc_dtype
 from ctxpar.scan import PendingScan, start_scan
 from ctxpar.ttt.plan import Plan
 
-__all__ = ["TTTApply", "autocast_dtype", "chunk_delta", "without_autocast"]
+__all__ = ["TTTApply", "autocast_dtype", "chunk_delta", "clip_delta", "without_autocast"]
 
 
 def _clip_scale(dw: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +73,14 @@ def chunk_delta(v_i, z_i, clip):
         return dw, None
     scale, _ = _clip_scale(dw, clip)
     return dw * scale.view(-1, 1, 1), scale
+
+
+def clip_delta(dw, clip):
+    """``dw`` ``[B, D, F]`` scaled to Frobenius norm <= ``clip`` per row (None: as it is);
+    the same scale as :func:`chunk_delta`'s, for a ΔW summed token by token (decode)."""
+    if clip is None:
+        return dw
+    return dw * _clip_scale(dw, clip)[0].view(-1, 1, 1)
 
 
 def _bmm_into(dst, a, b):

@@ -14,7 +14,7 @@ from ctxpar.scan import owners_of_runs
 from ctxpar.sequence.layouts import get_layout
 from ctxpar.sequence.spec import ShardSpec, cp_multiple
 
-__all__ = ["Block", "Plan", "build_plan", "chunk_resets"]
+__all__ = ["Block", "Plan", "build_plan", "chunk_resets", "extend_last_document"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +100,11 @@ def build_plan(cfg, topo: CPTopology, local_len: int, cu_seqlens=None) -> Plan:
     document per rank, touching pieces merged), so its carries and gathered bytes grow
     with the number of documents."""
     c = cfg.chunk_size
-    spec = ShardSpec.make(get_layout(cfg.layout), topo, local_len, cu_seqlens)
+    # One process holds a plain sequence as it is, whatever the layout: zigzag's even-length
+    # rule would refuse an odd padded length (chunk_size 1, or an odd chunk) for nothing.
+    # (Packed documents keep the layout: shard_packed pads each document by its rule.)
+    layout = "contiguous" if topo.size == 1 and cu_seqlens is None else cfg.layout
+    spec = ShardSpec.make(get_layout(layout), topo, local_len, cu_seqlens)
     runs, seq_len, starts = [spec.runs(q) for q in range(topo.size)], spec.seq_len, spec.doc_starts
     held = owners_of_runs([[start for start, _ in rank] for rank in runs])
     # Every rank knows every rank's runs: check them all, so that all ranks raise
@@ -127,3 +131,13 @@ def build_plan(cfg, topo: CPTopology, local_len: int, cu_seqlens=None) -> Plan:
         row += n
     return Plan(c, tuple(blocks), held, topo, cfg.layout, cfg.scan_algorithm, cfg.clip_tau,
                 cu_seqlens is not None, cfg.overlap)
+
+
+def extend_last_document(cu_seqlens, total: int):
+    """``cu_seqlens`` with its last boundary moved to ``total`` (padding joins the last
+    document, so no chunk of it resets); None stays None."""
+    if cu_seqlens is None:
+        return None
+    cu = torch.as_tensor(cu_seqlens).clone()
+    cu[-1] = total
+    return cu

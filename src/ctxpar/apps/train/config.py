@@ -23,6 +23,10 @@ class TrainConfig:
     layout: str = "zigzag"
     hcp: tuple[int, int] | None = None
     ttt: bool = False
+    ttt_layers: tuple[int, ...] | None = None  # --ttt-layers (default: the last layer)
+    ttt_lr: float | None = None                # --ttt-lr (default: ctxpar.ttt.convert's, 0.3)
+    ttt_chunk: int | None = None               # --ttt-chunk (default: see worker.ttt_chunk)
+    ttt_target: str = "hidden_states"          # --ttt-target
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
@@ -60,6 +64,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hcp", type=int, nargs=2, metavar=("A", "P"), default=None,
                    help="hierarchical CP sizes [a2a, p2p]: method 'hybrid' on ctxpar.cp_mesh")
     p.add_argument("--ttt", action="store_true", help="convert the MLPs to In-Place TTT layers")
+    p.add_argument("--ttt-layers", type=int, nargs="+", default=None, metavar="I",
+                   help="--ttt: the layers to convert (the release's ttt_layers; default the last)")
+    p.add_argument("--ttt-lr", type=float, default=None,
+                   help="--ttt: the fixed fast-weight step size (the release's ttt_lr; default 0.3)")
+    p.add_argument("--ttt-chunk", type=int, default=None,
+                   help="--ttt: the chunk size (the release's ttt_chunk; default the largest power "
+                        "of two <= 64 that fits a shard block); sequences are padded to whole chunks")
+    p.add_argument("--ttt-target", choices=("hidden_states", "input_embed"), default=d.ttt_target,
+                   help="--ttt: the fast-weight target source (the release's ttt_target)")
     p.add_argument("--dtype", choices=DTYPES, default=d.dtype)
     p.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -133,11 +146,30 @@ def _check_shapes(args: argparse.Namespace) -> None:
         runs = [lay for lay in ctxpar.LAYOUTS if get_layout(lay).consecutive_runs]
         raise SystemExit(f"ctxpar train: --ttt takes a layout among {runs} (a {args.layout} "
                          f"rank holds no run of consecutive tokens to chunk)")
+    _check_ttt(args)
     world = int(os.environ["WORLD_SIZE"]) if under_torchrun() else args.nproc
     multiple = length_multiple(args.layout, args.hcp, world)
-    if args.seq_len % multiple:
+    if args.seq_len % multiple and not args.ttt:  # --ttt pads (shard_batch multiple_of)
         raise SystemExit(f"ctxpar train: --seq-len {args.seq_len} must be a multiple of "
                          f"{multiple} for layout={args.layout!r} on {world} ranks")
+
+
+def _check_ttt(args: argparse.Namespace) -> None:
+    """The --ttt-* flags: only with --ttt, layers in range, a positive chunk, a finite lr."""
+    import math
+
+    given = [f"--ttt-{n}" for n in ("layers", "lr", "chunk") if getattr(args, f"ttt_{n}") is not None]
+    if args.ttt_target != TrainConfig.ttt_target:
+        given.append("--ttt-target")
+    if given and not args.ttt:
+        raise SystemExit(f"ctxpar train: {' '.join(given)} need --ttt")
+    bad = [i for i in args.ttt_layers or [] if not 0 <= i < args.layers]
+    if bad:
+        raise SystemExit(f"ctxpar train: --ttt-layers {bad} out of range for --layers {args.layers}")
+    if args.ttt_chunk is not None and args.ttt_chunk < 1:
+        raise SystemExit(f"ctxpar train: --ttt-chunk must be >= 1; got {args.ttt_chunk}")
+    if args.ttt_lr is not None and not math.isfinite(args.ttt_lr):
+        raise SystemExit(f"ctxpar train: --ttt-lr must be finite; got {args.ttt_lr}")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -153,4 +185,5 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if hasattr(args, f.name)}
     return TrainConfig(**dict(given, hcp=tuple(args.hcp) if args.hcp else None,
+                              ttt_layers=tuple(args.ttt_layers) if args.ttt_layers else None,
                               save_dir=args.out or None))

@@ -45,7 +45,7 @@ def summary(m: dict) -> str:
         f"method={method}, layout={c['layout']}, {c['dtype']}",
         f"model: Llama, {c['layers']} layers, hidden {c['hidden']}, {c['heads']} heads "
         f"({c['kv_heads']} kv), {m['params'] / 1e6:.2f} M parameters"
-        + (", In-Place TTT in the last layer" if c["ttt"] else ""),
+        + (f", In-Place TTT in layers {list(c['ttt_layers'] or [c['layers'] - 1])}" if c["ttt"] else ""),
         f"task: key-value recall, {t['keys']} keys x {t['values']} values, {t['queries']} "
         f"queries per {c['seq_len']}-token sequence; chance {t['chance']:.1%}",
         f"training: {c['steps']} steps of {c['batch_size'] * c['seq_len']} tokens (length "

@@ -21,27 +21,27 @@ import torch
 from ctxpar.apps.train.config import TrainConfig, length_multiple
 
 __all__ = ["Rank", "setup", "equivalence_step", "train_loop", "evaluate", "train_worker",
-           "ttt_convert"]
+           "ttt_convert", "ttt_chunk"]
 
 
-def _ttt_chunk(lengths: list[int], multiple: int) -> int:
-    """The TTT chunk size: at most 1024 and dividing every rank's blocks (``n // multiple``
-    tokens, ``multiple`` the layout's length multiple on the topology) at every length."""
-    import math
-
-    chunk = 1024
-    for n in set(lengths):
-        chunk = math.gcd(chunk, n // multiple)
-    return chunk
+def ttt_chunk(cfg: TrainConfig, multiple: int) -> int:
+    """The TTT chunk size: ``--ttt-chunk``, else the largest power of two <= 64 that fits a
+    shard block at full length (``seq_len // multiple`` tokens, ``multiple`` the layout's
+    length multiple). Batches are padded to whole chunks (``shard_batch(multiple_of=)``)."""
+    if cfg.ttt_chunk:
+        return cfg.ttt_chunk
+    block = max(1, cfg.seq_len // multiple)
+    return min(64, 1 << (block.bit_length() - 1))
 
 
 def ttt_convert(model, cfg: TrainConfig, group, chunk: int):
-    """Make the last layer's MLP an In-Place TTT layer (seeded: identical everywhere)."""
+    """Convert ``--ttt-layers`` (default the last layer) to In-Place TTT with the release's
+    settings from the flags (seeded: identical everywhere)."""
     from ctxpar import ttt
 
     torch.manual_seed(cfg.seed + 1)
-    return ttt.convert(model, layers=[cfg.layers - 1], chunk_size=chunk, group=group,
-                       layout=cfg.layout)
+    return ttt.convert(model, ttt_layers=list(cfg.ttt_layers or [cfg.layers - 1]), ttt_chunk=chunk,
+                       ttt_lr=cfg.ttt_lr, ttt_target=cfg.ttt_target, group=group, layout=cfg.layout)
 
 
 class _Progress:
@@ -104,7 +104,7 @@ class Rank:
         from ctxpar.observe.memory import SavedTensors
 
         cp = shard_batch(batch.input_ids.to(self.device), batch.labels.to(self.device),
-                         group=self.group, layout=self.cfg.layout)
+                         group=self.group, layout=self.cfg.layout, multiple_of=self.chunk or 1)
         saved = SavedTensors(exclude=self.model.parameters()) if measure else None
         with saved if saved is not None else contextlib.nullcontext():
             logits = self.model(**cp.model_inputs()).logits
@@ -139,7 +139,7 @@ def setup(cfg: TrainConfig) -> Rank:
               heads=cfg.heads, kv_heads=cfg.kv_heads, max_len=cfg.seq_len, seed=cfg.seed,
               dtype=getattr(torch, cfg.dtype), device=device)
     model = tt.build_model(attn=name, **mk)
-    chunk = _ttt_chunk(lengths + [cfg.seq_len], multiple) if cfg.ttt else 0
+    chunk = ttt_chunk(cfg, multiple) if cfg.ttt else 0
     if cfg.ttt:
         model = ttt_convert(model, cfg, group, chunk)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -250,9 +250,11 @@ def _eval_counts(r: Rank, batch) -> torch.Tensor:
     src = torch.full_like(batch.labels, -1)
     src.scatter_(1, batch.query_pos, batch.source_pos)  # position t -> its answer's position
     cp = shard_batch(batch.input_ids.to(dev), batch.labels.to(dev), group=r.group,
-                     layout=r.cfg.layout)
+                     layout=r.cfg.layout, multiple_of=r.chunk or 1)
     pos = cp.position_ids[0]  # [S_local] global positions of this rank's tokens
-    owner = torch.empty(r.cfg.seq_len, dtype=torch.long, device=dev)  # [S] rank of a position
+    total = pos.numel() * r.world  # --ttt may pad the sequence: pads have no answer
+    src = torch.nn.functional.pad(src, (0, total - src.shape[1]), value=-1)
+    owner = torch.empty(total, dtype=torch.long, device=dev)  # [S] rank of a position
     owner[all_gather(r.world_grp, pos).flatten()] = torch.arange(
         r.world, device=dev).repeat_interleave(pos.numel())
     pred = r.model(**cp.model_inputs()).logits.argmax(-1)
