@@ -210,20 +210,21 @@ def rank_step(cfg: MillionConfig, return_grads: bool = False, warmup: bool = Tru
     rss0 = _rss_bytes()
     with ring_trace() as events:
         with comm_counters() as cf, SavedTensors(exclude=params) as saved:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             logits = model(**cp.model_inputs()).logits
             loss = cp_cross_entropy(logits, cp.labels, group=None)
-            t1 = time.perf_counter()
+            c1, t1 = time.process_time(), time.perf_counter()
         del logits
         with comm_counters() as cb:
             loss.backward()
-            t2 = time.perf_counter()
+            c2, t2 = time.process_time(), time.perf_counter()
         allreduce_gradients(params, group=None)
-        t3 = time.perf_counter()
+        c3, t3 = time.process_time(), time.perf_counter()
     timer.remove()
     ring = {ph: sum(e.t1 - e.t0 for e in events if e.phase == ph) for ph in ("fwd", "bwd")}
     out = {"rank": topo.rank, "world": topo.size, "loss": float(loss.detach()),
            "fwd_s": t1 - t0, "bwd_s": t2 - t1, "allreduce_s": t3 - t2, "step_s": t3 - t0,
+           "fwd_cpu_s": c1 - c0, "bwd_cpu_s": c2 - c1, "step_cpu_s": c3 - c0,
            "fwd_split_s": dict(timer.seconds, other=(t1 - t0) - sum(timer.seconds.values())),
            "attn_bwd_s": ring["bwd"], "attn_fwd_ring_s": ring["fwd"],
            "rss_before_bytes": rss0, "peak_rss_bytes": _peak_rss_bytes(),
@@ -296,22 +297,29 @@ def _single_decision(mode: str, ranks: list[dict]) -> tuple[bool, str]:
 
 def _row(label: str, r: dict) -> str:
     f = r["fwd_split_s"]
-    return (f"| {label} | {r['fwd_s']:.1f} | {f['attention']:.1f} / {f['mlp']:.1f} / {f['ttt']:.1f} / "
-            f"{f['other']:.1f} | {r['bwd_s']:.1f} | {r['attn_bwd_s']:.1f} | {r['allreduce_s']:.2f} | "
-            f"{r['step_s']:.1f} | {r['rss_before_bytes'] / _GIB:.2f} | {r['peak_rss_bytes'] / _GIB:.2f} | "
-            f"{r['saved_bytes'] / _GIB:.2f} | {r['fwd']['score_elements'] / 1e9:.3f} | "
-            f"{r['fwd']['ring_recv_bytes'] / 2**20:.1f} / {r['bwd']['ring_recv_bytes'] / 2**20:.1f} |")
+    cells = [label, f"{r['fwd_s']:.3g}", f"{r['bwd_s']:.3g}", f"{r['step_s']:.3g}",
+             f"{r['fwd_cpu_s']:.3g} / {r['bwd_cpu_s']:.3g}",
+             " / ".join(f"{f[k]:.3g}" for k in ("attention", "mlp", "ttt", "other")),
+             f"{r['attn_bwd_s']:.3g}", f"{r['allreduce_s']:.2g}",
+             f"{r['rss_before_bytes'] / _GIB:.2f}", f"{r['peak_rss_bytes'] / _GIB:.2f}",
+             f"{r['saved_bytes'] / _GIB:.2f}", f"{r['fwd']['score_elements'] / 1e9:.3f}",
+             f"{r['fwd']['ring_recv_bytes'] / 2**20:.0f} / {r['bwd']['ring_recv_bytes'] / 2**20:.0f}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+_HEAD = ("run", "fwd s", "bwd s", "step s", "CPU s fwd / bwd", "fwd split s (attn / mlp / ttt / other)",
+         "attn bwd s", "all-reduce s", "RSS before GiB", "peak RSS GiB", "saved GiB",
+         "fwd pairs 1e9", "ring MiB recv fwd / bwd")
 
 
 def table(result: dict) -> str:
-    """The Markdown table of a result: one row per CP rank, then the one-process row."""
-    head = ("| run | fwd s | fwd split s (attn / mlp / ttt / other) | bwd s | attn bwd s | "
-            "all-reduce s | step s | RSS before GiB | peak RSS GiB | saved GiB | "
-            "fwd pairs 1e9 | ring MiB recv fwd / bwd |\n|" + "---|" * 12)
-    rows = [_row(f"rank {r['rank']}/{r['world']}", r) for r in result["ranks"]]
+    """The Markdown table of a result: one row per CP rank, then the one-process row
+    (times are wall seconds of this rank; CPU s its process's CPU time)."""
+    rows = ["| " + " | ".join(_HEAD) + " |", "|" + "---|" * len(_HEAD)]
+    rows += [_row(f"rank {r['rank']}/{r['world']}", r) for r in result["ranks"]]
     if result.get("single"):
         rows.append(_row("one process", result["single"]))
-    return "\n".join([head] + rows)
+    return "\n".join(rows)
 
 
 def run_million(args) -> int:
