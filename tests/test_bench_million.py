@@ -94,6 +94,7 @@ def test_cli_runs_small(tmp_path):
     (["--seq-len", "5000"], ["5000", "2 x 1024"]),
     (["--window", "0"], ["window=0"]),
     (["--million-layout", "striped"], ["'striped'"]),
+    (["--json", "/proc/no-such-dir/m.json"], ["--json", "/proc/no-such-dir"]),
 ])
 def test_bad_requests_exit_with_the_values(argv, words, capsys):
     from ctxpar.apps.cli import main

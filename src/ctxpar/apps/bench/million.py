@@ -332,25 +332,30 @@ def run_million(args) -> int:
                             layout=args.million_layout, dtype=args.million_dtype)
     except ValueError as e:
         raise SystemExit(f"ctxpar bench --million: {e}") from None
+    if args.json and args.json != "-":  # fail now, not after minutes of work
+        from ctxpar.apps.cli import writable_dir
+
+        writable_dir(os.path.dirname(os.path.abspath(args.json)), "bench --million", "--json")
+    log = sys.stderr if args.json == "-" else sys.stdout  # keep stdout pure JSON then
     t0 = time.perf_counter()
     print(f"ctxpar bench --million: S={cfg.seq_len} window={cfg.window} N={cfg.nproc} "
           f"{cfg.method}/{cfg.layout} {cfg.dtype}, TTT chunk {cfg.ttt_chunk}; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", file=log, flush=True)
     ranks = _in_pool(cfg, cfg.nproc, args.timeout)
-    print(f"[{time.perf_counter() - t0:.0f}s] CP step done", flush=True)
+    print(f"[{time.perf_counter() - t0:.0f}s] CP step done", file=log, flush=True)
     go, why = _single_decision(args.single, ranks)
     single = None
     if go:
         single = _in_pool(dataclasses.replace(cfg, nproc=1), 1, args.timeout)[0]
-        print(f"[{time.perf_counter() - t0:.0f}s] one-process step done", flush=True)
+        print(f"[{time.perf_counter() - t0:.0f}s] one-process step done", file=log, flush=True)
     result = {"config": dataclasses.asdict(cfg), "ranks": ranks, "single": single,
               "single_note": why if not go else "", "machine": {
                   "cpus": os.cpu_count(), "torch": torch.__version__,
                   "load_avg_1m_end": os.getloadavg()[0]},
               "elapsed_s": time.perf_counter() - t0}
-    print(table(result))
+    print(table(result), file=log)
     if not go:
-        print(f"one process not run: {why}")
+        print(f"one process not run: {why}", file=log)
     if args.json:
         with (contextlib.nullcontext(sys.stdout) if args.json == "-" else open(args.json, "w")) as f:
             json.dump(result, f, indent=1)
