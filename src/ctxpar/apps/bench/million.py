@@ -51,8 +51,8 @@ _GIB = float(1 << 30)
 @dataclasses.dataclass(frozen=True)
 class MillionConfig:
     """One measured step. ``window`` is HF's ``sliding_window`` (ctxpar window
-    ``(window - 1, 0)``); the sequence is padded to nothing: ``seq_len`` must split into
-    whole TTT chunks on every rank."""
+    ``(window - 1, 0)``). No padding: ``seq_len`` must split into whole TTT chunks on every
+    rank. Checked in the launcher, before any rank starts."""
 
     seq_len: int = 1 << 20
     window: int = 4096
