@@ -73,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--timeout", type=float, default=3600.0, help="seconds per cell before a hang is declared")
     a("--quick", action="store_true", help="tiny CI configuration (well under a minute): "
       + ", ".join(f"{k}={v}" for k, v in _QUICK.items()) + ", no peers unless --peers names some")
+    from ctxpar.apps.bench.million import add_arguments as million_arguments
+
+    million_arguments(p)
 
 
 def _ints(s: str) -> list[int]:
@@ -249,6 +252,10 @@ def run(args) -> int:
     from ctxpar.apps.cli import writable_dir
     from ctxpar.apps.launch import RankPool
 
+    if args.million:  # one training step at a million tokens: ctxpar.apps.bench.million
+        from ctxpar.apps.bench.million import run_million
+
+        return run_million(args)
     cfg = _resolve(args)
     writable_dir(cfg.out, "bench")
     notes: list[str] = []
