@@ -34,7 +34,7 @@ from ctxpar.apps.plan.specs import ClusterSpec, ModelSpec, RunSpec
 from ctxpar.apps.plan.work import (CPChoice, attention_work, comm_bytes, layer_saved_elements,
                                    local_heads, shard_spec, visible_pairs)
 
-__all__ = ["Estimate", "estimate", "USABLE_MEMORY", "static_bytes_per_param"]
+__all__ = ["Estimate", "estimate", "attention_time", "USABLE_MEMORY", "static_bytes_per_param", "time_pairs"]
 
 USABLE_MEMORY = 0.95  # of the device's memory; the rest for fragmentation and workspaces
 BWD_FLOP_RATIO = 2.5  # a tile's backward: 5 matmuls (S, dP, dV, dQ, dK) against the forward's 2
@@ -81,7 +81,8 @@ def static_bytes_per_param(run: RunSpec) -> int:
     return 16 if e == 4 else 18
 
 
-def _tile_time_pairs(tiles) -> int:
+def time_pairs(tiles) -> int:
+    """Pairs the kernels compute for ``tiles`` (see the comment)."""
     # A band open above (causal, or causal shifted) runs as the kernels' causal flag and
     # costs its visible pairs; every other masked tile is evaluated whole.
     return sum(visible_pairs(t) if t.band.hi is None else t.score_elements for t in tiles)
@@ -109,9 +110,9 @@ def _attention_times(model, run, choice, rates: Rates, cluster, tp: int, slow: f
         a2a_t = 4 * rates.comm_time("all_to_all", by["fwd"]["all_to_all"] / 4, a2a_deg, a2a_x)
     best = (0.0, 0.0, 0.0)
     for steps in set(work):
-        fwd_c = [slow * rates.attention("fwd", flop_pair * _tile_time_pairs(w.tiles), len(w.tiles), d)
+        fwd_c = [slow * rates.attention("fwd", flop_pair * time_pairs(w.tiles), len(w.tiles), d)
                  for w in steps]
-        bwd_c = [slow * rates.attention("bwd", BWD_FLOP_RATIO * flop_pair * _tile_time_pairs(w.tiles),
+        bwd_c = [slow * rates.attention("bwd", BWD_FLOP_RATIO * flop_pair * time_pairs(w.tiles),
                                         len(w.tiles), d) for w in steps]
         fwd, bwd, exposed = sum(fwd_c), sum(bwd_c), 2 * a2a_t
         if choice.method in ("ring", "hybrid") and len(steps) > 1:
@@ -182,6 +183,16 @@ def _memory(model, run, choice, cluster, tp: int, dp: int, tokens: float, rates:
     return mem
 
 
+def attention_time(model: ModelSpec, run: RunSpec, choice: CPChoice, rates: Rates,
+                   cluster: ClusterSpec | None = None, *, local_ranks: int | None = None):
+    """(forward, backward) seconds of one ``ctxpar.attention`` call with ``choice`` on its
+    slowest rank (what ``ctxpar bench`` times); ``local_ranks`` as in :func:`estimate`."""
+    tp = cluster.tp if cluster else 1
+    slow = rates.oversubscription(local_ranks or choice.size * tp)
+    fwd, bwd, _ = _attention_times(model, run, choice, rates, cluster, tp, slow)
+    return fwd, bwd
+
+
 def estimate(model: ModelSpec, run: RunSpec, choice: CPChoice, rates: Rates,
              cluster: ClusterSpec | None = None, *, local_ranks: int | None = None) -> Estimate:
     """Predicted step (or prefill) of ``model`` on ``run`` with ``choice`` for CP; the
@@ -214,7 +225,7 @@ def estimate(model: ModelSpec, run: RunSpec, choice: CPChoice, rates: Rates,
     peak = sum(mem.values())
     # Model FLOPs: the linear work and the attention pairs a causal kernel must compute.
     work = attention_work(run, choice, rates.sub_tile_rows)
-    pairs = sum(_tile_time_pairs(w.tiles) for steps in work for w in steps)
+    pairs = sum(time_pairs(w.tiles) for steps in work for w in steps)
     hq_l = local_heads(model, choice, tp)[0]
     attn_flops = 4 * model.head_dim * hq_l * run.batch * pairs * L  # all ranks of the group
     dense = (lin * L + head + ttt * len(run.ttt_layers)) * choice.size

@@ -43,6 +43,7 @@ class Rates:
     cores: int = 0  # 0: one device per rank (GPUs); else ranks share this many CPU cores
     sub_tile_rows: int = 512
     source: str = "preset"
+    slowdown: dict = dataclasses.field(default_factory=dict)  # measured: local ranks -> factor
 
     def attention(self, kind: str, flops: float, tiles: int, head_dim: int) -> float:
         fixed, per_tile, rate = _nearest(self.attn, head_dim)[kind]
@@ -65,8 +66,14 @@ class Rates:
         return lat + nbytes / bw
 
     def oversubscription(self, local_ranks: int) -> float:
-        """How much slower each rank computes when ``local_ranks`` share the cores."""
-        return max(1.0, local_ranks / self.cores) if self.cores else 1.0
+        """How much slower each rank computes when ``local_ranks`` share the cores: the
+        profile's measurement (every rank computing at once, against one process alone,
+        under the machine's load at calibration), else ``local_ranks / cores``."""
+        if local_ranks <= 1 or not self.cores:
+            return 1.0
+        if str(local_ranks) in self.slowdown:
+            return max(1.0, float(self.slowdown[str(local_ranks)]))
+        return max(1.0, local_ranks / self.cores)
 
 
 def preset_rates(dev: DeviceSpec) -> Rates:
@@ -86,7 +93,8 @@ def profile_rates(profile: dict) -> Rates:
     return Rates(profile.get("name", profile["device"]), float(profile["memory"]),
                  float(max(profile["matmul"].values())), attn, dict(profile["matmul"]),
                  float(profile["mem_bw"]), comm, cores=int(profile.get("cores", 0)),
-                 sub_tile_rows=int(profile["sub_tile_rows"]), source="profile")
+                 sub_tile_rows=int(profile["sub_tile_rows"]), source="profile",
+                 slowdown=dict(profile.get("slowdown", {})))
 
 
 def load_profile(path: str) -> Rates:

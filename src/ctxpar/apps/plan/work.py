@@ -101,29 +101,47 @@ def attention_work(run: RunSpec, choice: CPChoice, sub: int) -> tuple[tuple[Step
     spec = shard_spec(run, choice)
     causal, window = run.causal, run.window_pair
     if choice.method == "ulysses":
-        segs = _global_segments(spec)
+        segs = _global_segments(spec) if spec.docs else (Segment(0, spec.seq_len, 1, 0),)
         one = (StepWork(tuple(plan_segments(segs, segs, causal=causal, window=window,
                                             diagonal=True, sub=sub))),)
         return tuple(one for _ in range(choice.size))
     n = spec.p2p
-    per_ring = []
-    for r in range(n):
+    sampled = _sampled_ranks(n, run)
+    steps = n if (choice.method == "allgather" or len(sampled) < n) else ring_step_count(run, choice)
+    per_ring = {}
+    for r in sampled:
         if choice.method == "allgather":
             srcs = [r] + [s for s in range(n) if s != r]
         else:
-            steps = ring_steps(spec.share, n, causal=causal, window=window)
             srcs = [(r - s) % n for s in range(steps)]
         work = tuple(StepWork(tuple(plan_segments(spec.share(r), spec.share(src), causal=causal,
                                                   window=window, diagonal=src == r, sub=sub)))
                      for src in srcs)
         if choice.method == "allgather":
             work = tuple(w for w in work if w.tiles)
-        per_ring.append(work)
-    return tuple(per_ring[q // choice.a2a] for q in range(choice.size))
+        per_ring[r] = work
+    near = [min(sampled, key=lambda s: abs(s - r)) for r in range(n)]
+    return tuple(per_ring[near[q // choice.a2a]] for q in range(choice.size))
+
+
+# Above this many ring ranks (plain sequences, no window) a few ranks stand for all: the
+# first, second, middle and last two (zigzag's ranks are alike; contiguous work grows
+# with the rank), so that a 1024-device search stays within seconds.
+EXACT_RING_RANKS = 16
+
+
+def _sampled_ranks(n: int, run: RunSpec) -> list[int]:
+    if n <= EXACT_RING_RANKS or run.docs or run.window:
+        return list(range(n))
+    return sorted({0, 1, n // 2, n - 2, n - 1})
 
 
 def ring_step_count(run: RunSpec, choice: CPChoice) -> int:
+    """Ring steps of one call (``ctxpar.attn.tiles.ring_steps``; every rank without a
+    window or documents)."""
     spec = shard_spec(run, choice)
+    if spec.p2p > EXACT_RING_RANKS and not run.docs and not run.window:
+        return spec.p2p
     return ring_steps(spec.share, spec.p2p, causal=run.causal, window=run.window_pair)
 
 
@@ -170,14 +188,20 @@ def comm_bytes(model: ModelSpec, run: RunSpec, choice: CPChoice, tp: int = 1) ->
 
 def visible_pairs(tile: Tile) -> int:
     """Query-key pairs of ``tile`` its band lets through (what a fused causal kernel,
-    which skips the masked part, actually computes)."""
+    which skips the masked part, actually computes). Closed form: the pairs on diagonal
+    ``m = i - j`` number ``f(m) = min(lq, lk + m) - max(0, m)``, linear between the
+    breakpoints 0 and ``lq - lk``, summed over the band's diagonals."""
     lq, lk, band = tile.q1 - tile.q0, tile.k1 - tile.k0, tile.band
-    if band.is_full:
-        return lq * lk
-    i = torch.arange(lq, dtype=torch.int64)
-    lo = torch.zeros_like(i) if band.hi is None else (i - band.hi).clamp(min=0)
-    hi = torch.full_like(i, lk - 1) if band.lo is None else (i - band.lo).clamp(max=lk - 1)
-    return int((hi - lo + 1).clamp(min=0).sum())
+    m0 = -(lk - 1) if band.lo is None else max(band.lo, -(lk - 1))
+    m1 = lq - 1 if band.hi is None else min(band.hi, lq - 1)
+    if m0 > m1:
+        return 0
+
+    def f(m: int) -> int:
+        return min(lq, lk + m) - max(0, m)
+
+    cuts = sorted({m0, m1 + 1} | {c for c in (0, lq - lk) if m0 < c <= m1})
+    return sum((f(a) + f(b - 1)) * (b - a) // 2 for a, b in zip(cuts, cuts[1:]))
 
 
 def layer_saved_elements(model: ModelSpec, choice: CPChoice, *, tp: int = 1,

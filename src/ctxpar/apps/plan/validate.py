@@ -1,0 +1,84 @@
+"""``ctxpar plan --validate``: the planner predicts every cell of a ``ctxpar bench`` run
+from this machine's profile, and prints predicted and measured side by side.
+
+A cell is one ``ctxpar.attention`` call (method x layout x world x length x dtype x
+causal) timed fwd and fwd+bwd on local ranks; its prediction is
+:func:`ctxpar.apps.plan.cost.attention_time` of the same shapes with every rank on this
+machine (the profile's measured contention for that many ranks). Peer libraries' cells
+are not ctxpar's schedules and are left out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+
+from ctxpar.apps.plan.cost import attention_time
+from ctxpar.apps.plan.rates import Rates
+from ctxpar.apps.plan.specs import ModelSpec, RunSpec
+from ctxpar.apps.plan.work import CPChoice
+
+__all__ = ["predict_cell", "validate_rows", "run_bench", "format_rows", "TOLERANCE"]
+
+TOLERANCE = 0.20
+
+
+def predict_cell(cell: dict, rates: Rates) -> tuple[float, float]:
+    """Predicted (fwd, fwd+bwd) seconds of one bench cell."""
+    h, d = cell["heads"], cell["head_dim"]
+    model = ModelSpec("bench", 1, h * d, h, cell["kv_heads"], 1, 1, head_dim=d)
+    run = RunSpec(cell["seq_len"], batch=cell["batch"], dtype=cell["dtype"], causal=cell["causal"])
+    n = cell["world"]
+    m = cell["method"]
+    if m == "hybrid":
+        a2a, p2p = cell["hybrid"]
+    elif m == "ulysses":
+        a2a, p2p = n, 1
+    else:
+        a2a, p2p = 1, n
+    fwd, bwd = attention_time(model, run, CPChoice(m, a2a, p2p, cell["layout"]), rates, local_ranks=n)
+    return fwd, fwd + bwd
+
+
+def validate_rows(results: dict, rates: Rates) -> list[dict]:
+    """One row per ctxpar cell of a bench ``results.json``: predicted, measured, ratio."""
+    rows = []
+    for c in results["cells"]:
+        if c.get("peer"):
+            continue
+        p_fwd, p_tot = predict_cell(c, rates)
+        rows.append(dict(world=c["world"], seq_len=c["seq_len"], method=c["method"], layout=c["layout"],
+                         hybrid=c.get("hybrid"), dtype=c["dtype"], pred_fwd=p_fwd, meas_fwd=c["fwd_s"],
+                         pred_tot=p_tot, meas_tot=c["tot_s"], spread_tot=c.get("tot_spread_s"),
+                         ratio=p_tot / c["tot_s"], ok=abs(p_tot / c["tot_s"] - 1) <= TOLERANCE))
+    return rows
+
+
+def run_bench(out_dir: str | None = None, extra: list[str] | None = None) -> dict:
+    """Run ``ctxpar bench`` with its default matrix (no peers, no plots, no float64
+    checks) and return its results."""
+    from ctxpar.apps.bench import run as bench
+
+    out_dir = out_dir or tempfile.mkdtemp(prefix="ctxpar-validate-")
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--peers", "none", "--no-plots", "--no-errors", "--out", out_dir] + (extra or []))
+    bench.run(args)
+    with open(os.path.join(out_dir, "results.json")) as f:
+        return json.load(f)
+
+
+def format_rows(rows: list[dict]) -> str:
+    head = ("| N | S | method | layout | pred fwd s | meas fwd s | pred fwd+bwd s | meas fwd+bwd s "
+            "| spread s | pred/meas | within ±20% |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        m = r["method"] + (f" {list(r['hybrid'])}" if r["hybrid"] else "")
+        spread = "" if r["spread_tot"] is None else f"{r['spread_tot']:.4f}"
+        lines.append(f"| {r['world']} | {r['seq_len']} | {m} | {r['layout']} | {r['pred_fwd']:.4f} | "
+                     f"{r['meas_fwd']:.4f} | {r['pred_tot']:.4f} | {r['meas_tot']:.4f} | {spread} | "
+                     f"{r['ratio']:.2f} | {'yes' if r['ok'] else 'NO'} |")
+    ok = sum(r["ok"] for r in rows)
+    lines.append(f"\n{ok} of {len(rows)} cells within ±{TOLERANCE:.0%} (fwd+bwd)")
+    return "\n".join(lines)
