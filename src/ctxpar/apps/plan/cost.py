@@ -59,6 +59,7 @@ class Estimate:
     capacity: float
     tokens_per_s_per_device: float
     mfu: float
+    peak_flops: float
 
     @property
     def fits(self) -> bool:
@@ -148,12 +149,13 @@ def _linear_flops(model: ModelSpec, run: RunSpec, tokens: float, tp: int) -> tup
 
 def _memory(model, run, choice, cluster, tp: int, dp: int, tokens: float, rates: Rates) -> dict:
     e, acc = run.elem, (8 if run.elem == 8 else 4)
-    shard = dp * choice.size if run.sharding == "fsdp" else 1
+    # FSDP shards training state; a prefill holds its (replicated) weights on every rank.
+    shard = dp * choice.size if run.sharding == "fsdp" and not run.prefill else 1
     params = model.params / tp
     layer_params = params / model.layers
     mem = {"params+grads+optimizer": params * static_bytes_per_param(run) / shard}
-    if run.sharding == "fsdp" and shard > 1:  # two layers' weights gathered (prefetch)
-        mem["params+grads+optimizer"] += 2 * layer_params * e * (1 if run.prefill else 2)
+    if shard > 1:  # two layers' weights and gradients gathered (prefetch)
+        mem["params+grads+optimizer"] += 2 * layer_params * e * 2
     hq_l, hkv_l = local_heads(model, choice, tp)
     d = model.head_dim
     spec = shard_spec(run, choice)
@@ -235,4 +237,5 @@ def estimate(model: ModelSpec, run: RunSpec, choice: CPChoice, rates: Rates,
     mfu = flops / (step * rates.peak_flops) if step > 0 else 0.0
     tps = run.batch * run.seq_len / (step * choice.size * tp)
     return Estimate(choice, dp, tp, step, fwd, bwd, L * (a_f + a_b), L * exposed,
-                    L * 3 * lin_f + 3 * head_f, other, mem, peak, USABLE_MEMORY * rates.memory, tps, mfu)
+                    L * 3 * lin_f + 3 * head_f, other, mem, peak, USABLE_MEMORY * rates.memory, tps, mfu,
+                    rates.peak_flops)

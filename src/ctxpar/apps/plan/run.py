@@ -55,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("search").add_argument
     s("--methods", default="ring,allgather,ulysses,hybrid", help="methods to consider")
     s("--layouts", default="zigzag,contiguous", help="layouts to consider")
+    s("--cp", type=int, help="CP degree (default: every divisor of the devices; the rest is DP)")
     s("--method", help="evaluate only this method (with --hcp for hybrid)")
     s("--hcp", type=int, nargs=2, metavar=("A2A", "P2P"), help="hybrid's [a2a, p2p]")
     s("--layout", help="evaluate only this layout")
@@ -109,7 +110,7 @@ def _only(args, model, cluster):
         if args.hcp:
             raise ValueError("--hcp A2A P2P goes with --method hybrid")
         return None
-    devices = cluster.world // cluster.tp
+    devices = args.cp or cluster.world // cluster.tp
     if args.method == "hybrid":
         if not args.hcp:
             raise ValueError("--method hybrid needs --hcp A2A P2P")
@@ -132,18 +133,20 @@ def _row(e) -> dict:
             "attention_s": e.attn_s, "attention_comm_exposed_s": e.attn_comm_exposed_s,
             "linear_s": e.linear_s, "elementwise_s": e.other_s,
             "tokens_per_s_per_device": e.tokens_per_s_per_device, "mfu": e.mfu,
+            "model_tflops_per_device": e.mfu * e.peak_flops / 1e12,
             "memory_bytes": e.memory, "peak_bytes": e.peak_bytes, "capacity_bytes": e.capacity,
             "fits_without_recomputation": e.fits}
 
 
 def _table(ests, top: int) -> str:
-    lines = ["| # | method | [a2a, p2p] | layout | CP | DP | step s | tok/s/dev | MFU | mem/dev GiB | fits |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| # | method | [a2a, p2p] | layout | CP | DP | step s | tok/s/dev | TFLOP/s/dev | MFU "
+             "| mem/dev GiB | fits |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, e in enumerate(ests[:top]):
         c = e.choice
         fits = "yes" if e.fits else f"no (+{e.short_by / GIB:.1f} GiB)"
         lines.append(f"| {i + 1} | {c.method} | [{c.a2a}, {c.p2p}] | {c.layout} | {c.size} | {e.dp} | "
-                     f"{e.step_s:.4g} | {e.tokens_per_s_per_device:,.0f} | {e.mfu:.1%} | "
+                     f"{e.step_s:.4g} | {e.tokens_per_s_per_device:,.0f} | {e.mfu * e.peak_flops / 1e12:.4g} | "
+                     f"{e.mfu:.1%} | "
                      f"{e.peak_bytes / GIB:.2f} | {fits} |")
     return "\n".join(lines)
 
@@ -152,21 +155,20 @@ def recommendation(e, cluster, run) -> str:
     """The code and the launch command of estimate ``e``."""
     c = e.choice
     win = f", window=({run.window}, 0)" if run.window else ""
-    dims = []
-    if e.dp > 1:
-        dims.append(("dp", e.dp))
     if c.method == "hybrid":
         mesh = f"ctxpar.cp_mesh([{c.a2a}, {c.p2p}])"
-        if e.dp > 1:
-            mesh = (f'init_device_mesh("cuda", ({e.dp}, {c.p2p}, {c.a2a}), '
-                    f'mesh_dim_names=("dp", "ring", "ulysses"))  # DP x CP; pass its ["ring", "ulysses"] slice')
+        if e.dp > 1 or e.tp > 1:
+            mesh = (f'init_device_mesh("cuda", ({e.dp}, {c.p2p}, {c.a2a}, {e.tp}), mesh_dim_names=("dp", '
+                    f'"ring", "ulysses", "tp"))["ring", "ulysses"]')
+    elif e.dp == 1 and e.tp == 1:
+        mesh = f"None  # WORLD is the CP group of {c.size}"
     else:
-        mesh = (f"None  # WORLD is the CP group of {c.size}" if e.dp == 1 and e.tp == 1 else
-                f'init_device_mesh("cuda", ({e.dp}, {c.size}), mesh_dim_names=("dp", "cp"))["cp"]')
+        mesh = (f'init_device_mesh("cuda", ({e.dp}, {c.size}, {e.tp}), '
+                f'mesh_dim_names=("dp", "cp", "tp"))["cp"]')
     nodes, per = cluster.nodes, cluster.per_node
     launch = (f"torchrun --nnodes {nodes} --nproc-per-node {per} train.py" if nodes > 1 or per > 1
               else "python train.py")
-    tp = f"  # with tensor parallelism of {e.tp} inside each node (not ctxpar's)\n" if e.tp > 1 else ""
+    tp = f"# tensor parallelism of {e.tp} on the mesh's \"tp\" axis is the model's own, not ctxpar's\n" if e.tp > 1 else ""
     return (f"group = {mesh}\n{tp}"
             f'out = ctxpar.attention(q, k, v, group=group, method="{c.method}", layout="{c.layout}", '
             f"causal={run.causal}{win})\n"
@@ -186,7 +188,7 @@ def _plan(args) -> int:
         methods = tuple(args.methods.split(","))
         layouts = tuple((args.layout or args.layouts).split(","))
         ests, rejected = search(model, run, cluster, rates, methods=methods, layouts=layouts,
-                                local_ranks=local)
+                                local_ranks=local, cp=args.cp)
     single = None
     if local is not None and local > 1 and only is not None:  # the same step in one process
         from ctxpar.apps.plan.specs import ClusterSpec
@@ -208,7 +210,8 @@ def _plan(args) -> int:
     else:
         print(f"{model.name}: {model.params / 1e9:.2f} B params; {run.seq_len:,} tokens x {run.batch}, "
               f"{run.dtype}, {'prefill' if run.prefill else 'training step'}; {cluster.nodes} node(s) x "
-              f"{cluster.per_node} {rates.name} (tp={cluster.tp}); {run.sharding} parameters\n")
+              f"{cluster.per_node} {rates.name} (tp={cluster.tp}); "
+              f"{'replicated weights' if run.prefill else run.sharding + ' parameters and optimizer'}\n")
         print(_table(ests, args.top))
         if single is not None:
             print(f"\nthe same step in one process: {single.step_s:.4g} s, "

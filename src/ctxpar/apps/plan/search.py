@@ -44,10 +44,16 @@ def check_choice(model: ModelSpec, cluster: ClusterSpec, choice: CPChoice) -> st
     return None
 
 
-def candidates(model: ModelSpec, cluster: ClusterSpec, methods, layouts):
-    """Every (method, [a2a, p2p], layout) on the cluster: CPChoice or Rejected."""
+def candidates(model: ModelSpec, cluster: ClusterSpec, methods, layouts, cp: int | None = None):
+    """Every (method, [a2a, p2p], layout) on the cluster (CP degree ``cp`` only, if
+    given): CPChoice or Rejected."""
     devices = cluster.world // cluster.tp
-    for c in [d for d in range(1, devices + 1) if devices % d == 0]:
+    degrees = [d for d in range(1, devices + 1) if devices % d == 0]
+    if cp is not None:
+        if cp not in degrees:
+            raise ValueError(f"--cp {cp} does not divide the {devices} devices left after tp={cluster.tp}")
+        degrees = [cp]
+    for c in degrees:
         for m in methods:
             if m == "hybrid":
                 shapes = [(a, c // a) for a in range(2, c) if c % a == 0]
@@ -64,10 +70,11 @@ def candidates(model: ModelSpec, cluster: ClusterSpec, methods, layouts):
 
 def search(model: ModelSpec, run: RunSpec, cluster: ClusterSpec, rates: Rates, *,
            methods=("ring", "allgather", "ulysses", "hybrid"), layouts=("zigzag", "contiguous"),
-           local_ranks: int | None = None) -> tuple[list[Estimate], list[Rejected]]:
+           local_ranks: int | None = None, cp: int | None = None
+           ) -> tuple[list[Estimate], list[Rejected]]:
     """Ranked estimates of every possible configuration, and the rejected ones."""
     ests, rejected = [], []
-    for c in candidates(model, cluster, methods, layouts):
+    for c in candidates(model, cluster, methods, layouts, cp):
         if isinstance(c, Rejected):
             rejected.append(c)
         else:

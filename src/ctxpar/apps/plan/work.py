@@ -217,8 +217,10 @@ def layer_saved_elements(model: ModelSpec, choice: CPChoice, *, tp: int = 1,
       all-gather saves the gathered K/V of every rank: N times the local k, v), plus its
       fp32 LSE (heads); Ulysses and hybrid also keep the all-to-all'd output for o_proj;
     - the gated MLP: gate and up outputs, silu(gate) and the product (4·ffn);
-    - an In-Place TTT MLP in addition keeps its target, the conv output and the
-      fast-weight carry input (3·hidden; ``ctxpar.ttt.ops.TTTApply``'s z, v).
+    - an In-Place TTT MLP in addition keeps its projection's input and its target V̂
+      (2·hidden; ``ctxpar.ttt.ops.TTTApply`` saves z, the MLP's product, in place of
+      down_proj's input; its per-block carries, hidden·ffn per 1024-token chunk block,
+      are left out).
     RoPE's cos/sin tables (2·head_dim, shared by the layers in HF) are a model term."""
     h, d = model.hidden, model.head_dim
     hq, hkv = model.heads // tp, max(1, model.kv_heads // tp)
@@ -232,5 +234,5 @@ def layer_saved_elements(model: ModelSpec, choice: CPChoice, *, tp: int = 1,
     if deg > 1:
         act += q_el  # o_proj's input: the all-to-all'd output, besides the kernel's own out
     if ttt:
-        act += 3 * h
+        act += 2 * h
     return {"act": act, "fp32": 2 + hq}
