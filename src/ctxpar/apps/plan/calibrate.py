@@ -27,7 +27,7 @@ import time
 
 import torch
 
-__all__ = ["calibrate", "attention_samples", "fit_linear"]
+__all__ = ["calibrate", "attention_samples", "fit_linear", "fit_affine", "write_profile"]
 
 ATTN_SHAPES = ((8, 64), (4, 16))  # (heads, head_dim): the bench's default, ctxpar train's model
 ATTN_CASES = ((512, 0, True), (1024, 0, True), (2048, 0, True), (512, 0, False), (4096, 256, True))
@@ -99,6 +99,18 @@ def fit_linear(rows: list[tuple[float, float]], ys: list[float]) -> tuple[float,
         if not neg or len(cols) == 1:
             return tuple(max(0.0, c) for c in coef)
         cols.remove(neg[0])
+
+
+def fit_affine(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least squares ``y = a + b·x`` with ``a, b >= 0``; returns ``(a, b)``."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    b = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var) if var else 0.0
+    a = my - b * mx
+    if a < 0:  # through the origin
+        a, b = 0.0, sum(x * y for x, y in zip(xs, ys)) / max(sum(x * x for x in xs), 1e-30)
+    return a, b
 
 
 def _attention_profile(dev, dtype, repeats: int) -> dict:
@@ -184,7 +196,7 @@ def _comm_profile(device: str, worlds, repeats: int) -> dict:
         compute[str(n)] = max(r.pop("compute") for r in per_rank)
         for op in per_rank[0]:
             pts = [(per_rank[0][op][i][0], max(r[op][i][1] for r in per_rank)) for i in range(len(COMM_SIZES))]
-            lat, _, per_byte = fit_linear([(0.0, b) for b, _ in pts], [t for _, t in pts])
+            lat, per_byte = fit_affine([b for b, _ in pts], [t for _, t in pts])
             entry[op] = [lat, 1.0 / per_byte if per_byte > 0 else 1e30]
         out[str(n)] = entry
     return out, compute

@@ -68,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m("--worlds", default="2,4", help="--calibrate: local rank counts to measure (default 2,4)")
     m("--validate", action="store_true", help="predict and measure ctxpar bench's default matrix")
     m("--bench-results", help="--validate against this bench results.json instead of running the bench")
+    m("--bench-out", help="--validate: keep the bench's results.json in this folder")
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
@@ -256,7 +257,7 @@ def _validate(args) -> int:
         with open(args.bench_results) as f:
             results = json.load(f)
     else:
-        results = run_bench()
+        results = run_bench(args.bench_out)
     rows = validate_rows(results, rates)
     print(json.dumps(rows, indent=1) if args.json else format_rows(rows))
     return 0
