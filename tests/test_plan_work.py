@@ -21,31 +21,43 @@ def _group(method, a2a, p2p):
     return cp_mesh(hierarchical_context_parallel_sizes=[a2a, p2p])
 
 
-def _rank_counts(method, layout, a2a, p2p, seq_len, window, docs):
-    """One fwd+bwd of ctxpar.attention on this rank's shard; the counters of each half."""
+LAYOUTS = ("contiguous", "zigzag", "striped")
+MASKS = {"causal": (96, 0, ()), "window": (1536, 300, ()), "packed": (96, 0, (37, 20, 39))}
+
+
+def _masks(method):
+    # hybrid shards packed documents by the ring axis: covered by ring, ulysses, allgather
+    return [m for m in MASKS if not (m == "packed" and method == "hybrid")]
+
+
+def _rank_counts(method, a2a, p2p):
+    """Every layout x mask case of one method: one fwd+bwd of ctxpar.attention on this
+    rank's shard each, with the counters of each half."""
     import ctxpar
 
     group = _group(method, a2a, p2p)
-    g = torch.Generator().manual_seed(0)
-    full = [torch.randn(1, seq_len, h, D, generator=g, dtype=torch.float64) for h in (HQ, HKV, HKV, HQ)]
-    if docs:
-        cu = [0]
-        for n in docs:
-            cu.append(cu[-1] + n)
-        q, k, v, dout = [ctxpar.shard_packed(t, cu, group=group, layout=layout).tokens for t in full]
-    else:
-        cu = None
-        q, k, v, dout = [ctxpar.shard(t, group=group, layout=layout) for t in full]
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    with ctxpar.comm_counters() as cf:
-        out = ctxpar.attention(q, k, v, group=group, method=method, layout=layout, causal=True,
-                               window=(window, 0) if window else (-1, -1), cu_seqlens=cu,
-                               check_args=False)
-    with ctxpar.comm_counters() as cb:
-        out.backward(dout)
     rank = torch.distributed.get_rank()
-    return (rank, cf.bytes_recv, cf.bytes_sent, cb.bytes_recv, cb.bytes_sent,
-            sum(cf.score_elements.values()), sum(cb.score_elements.values()))
+    out = {}
+    for layout in LAYOUTS:
+        for mask in _masks(method):
+            seq_len, window, docs = MASKS[mask]
+            g = torch.Generator().manual_seed(0)
+            full = [torch.randn(1, seq_len, h, D, generator=g, dtype=torch.float64) for h in (HQ, HKV, HKV, HQ)]
+            cu = [0, *torch.tensor(docs).cumsum(0).tolist()] if docs else None
+            if docs:
+                q, k, v, dout = [ctxpar.shard_packed(t, cu, group=group, layout=layout).tokens for t in full]
+            else:
+                q, k, v, dout = [ctxpar.shard(t, group=group, layout=layout) for t in full]
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+            with ctxpar.comm_counters() as cf:
+                o = ctxpar.attention(q, k, v, group=group, method=method, layout=layout, causal=True,
+                                     window=(window, 0) if window else (-1, -1), cu_seqlens=cu,
+                                     check_args=False)
+            with ctxpar.comm_counters() as cb:
+                o.backward(dout)
+            out[layout, mask] = (rank, cf.bytes_recv, cf.bytes_sent, cb.bytes_recv, cb.bytes_sent,
+                                 sum(cf.score_elements.values()), sum(cb.score_elements.values()))
+    return out
 
 
 def _choices(n):
@@ -54,29 +66,29 @@ def _choices(n):
     return out
 
 
-CASES = [(n, c.method, c.a2a, c.p2p, lay, mask) for n in (2, 3, 4) for c in _choices(n)
-         for lay in ("contiguous", "zigzag", "striped") for mask in ("causal", "window", "packed")
-         # hybrid shards packed documents by the ring axis: covered by ring/ulysses/allgather
-         if not (mask == "packed" and c.method == "hybrid")]
+CASES = [(n, c.method, c.a2a, c.p2p) for n in (2, 3, 4) for c in _choices(n)]
 
 
-@pytest.mark.parametrize("n,method,a2a,p2p,layout,mask", CASES)
-def test_bytes_and_score_elements_match_counters(run_ranks, n, method, a2a, p2p, layout, mask):
-    seq_len = 1536 if mask == "window" else 96
-    window = 300 if mask == "window" else 0
-    docs = (37, 20, 39) if mask == "packed" else ()
-    res = run_ranks(n, _rank_counts, method, layout, a2a, p2p, seq_len, window, docs, timeout=60)
-    run = RunSpec(seq_len, dtype="float64", window=window, docs=docs)
-    choice = CPChoice(method, a2a, p2p, layout)
-    pred = comm_bytes(MODEL, run, choice)
-    work = attention_work(run, choice, sub_tile_rows(torch.device("cpu")))
-    for rank, f_recv, f_sent, b_recv, b_sent, s_fwd, s_bwd in res:
-        assert f_recv == f_sent == sum(pred["fwd"].values()), (rank, f_recv, pred)
-        assert b_recv == b_sent == sum(pred["bwd"].values()), (rank, b_recv, pred)
-        expect = sum(w.score_elements for w in work[rank])
-        assert s_fwd == s_bwd == expect, (rank, s_fwd, expect)
-    if n > 1:  # a test that could not fail on a zero prediction
-        assert sum(pred["fwd"].values()) > 0
+@pytest.mark.parametrize("n,method,a2a,p2p", CASES)
+def test_bytes_and_score_elements_match_counters(run_ranks, n, method, a2a, p2p):
+    """Every layout (contiguous, zigzag, striped) x causal, windowed (sub-tiles) and packed."""
+    res = run_ranks(n, _rank_counts, method, a2a, p2p, timeout=120)
+    sub = sub_tile_rows(torch.device("cpu"))
+    for layout in LAYOUTS:
+        for mask in _masks(method):
+            seq_len, window, docs = MASKS[mask]
+            run = RunSpec(seq_len, dtype="float64", window=window, docs=docs)
+            choice = CPChoice(method, a2a, p2p, layout)
+            pred = comm_bytes(MODEL, run, choice)
+            work = attention_work(run, choice, sub)
+            case = (layout, mask)
+            for rank, f_recv, f_sent, b_recv, b_sent, s_fwd, s_bwd in (r[case] for r in res):
+                assert f_recv == f_sent == sum(pred["fwd"].values()), (case, rank, f_recv, pred)
+                assert b_recv == b_sent == sum(pred["bwd"].values()), (case, rank, b_recv, pred)
+                expect = sum(w.score_elements for w in work[rank])
+                assert s_fwd == s_bwd == expect, (case, rank, s_fwd, expect)
+            # a test that a zero prediction could not pass: every case moves bytes
+            assert sum(pred["fwd"].values()) > 0, case
 
 
 def test_score_elements_one_process():
