@@ -132,3 +132,24 @@ def test_does_not_fit_says_by_how_much(capsys):
     rc, out, err = _cli(capsys, "--model", "llama3-70b", "--seq-len", "1048576", "--device", "a100")
     assert rc == 3
     assert "does not fit without recomputation" in err and "GiB over the" in err
+
+
+def test_fits_recover_known_coefficients():
+    from ctxpar.apps.plan.calibrate import fit_affine, fit_linear
+
+    rows = [(1, 1e9), (3, 2e9), (40, 4e9), (1, 8e9), (120, 3e9)]
+    ys = [0.002 + 1e-4 * t + f / 2e10 for t, f in rows]
+    a, b, c = fit_linear(rows, ys)
+    assert a == pytest.approx(0.002, rel=1e-6) and b == pytest.approx(1e-4, rel=1e-6)
+    assert 1 / c == pytest.approx(2e10, rel=1e-6)
+    lat, per_byte = fit_affine([4096, 1 << 20, 1 << 22], [1e-4 + x / 1e9 for x in (4096, 1 << 20, 1 << 22)])
+    assert lat == pytest.approx(1e-4, rel=1e-6) and 1 / per_byte == pytest.approx(1e9, rel=1e-6)
+
+
+def test_validation_covers_the_default_bench_matrix():
+    from ctxpar.apps.plan.validate import default_cells
+
+    cells = default_cells()
+    # N=1: one cell per length; N=2: 3 methods x 2 layouts; N=4: 4 methods (hybrid [2, 2]) x 2 layouts
+    assert len(cells) == 2 + 2 * 6 + 2 * 8
+    assert {tuple(c["hybrid"]) for c in cells if c["method"] == "hybrid"} == {(2, 2)}

@@ -27,7 +27,8 @@ import time
 
 import torch
 
-__all__ = ["calibrate", "attention_samples", "fit_linear", "fit_affine", "write_profile"]
+__all__ = ["calibrate", "attention_samples", "fit_linear", "fit_affine", "write_profile", "probe",
+           "rank_probe"]
 
 ATTN_SHAPES = ((8, 64), (4, 16))  # (heads, head_dim): the bench's default, ctxpar train's model
 ATTN_CASES = ((512, 0, True), (1024, 0, True), (2048, 0, True), (512, 0, False), (4096, 256, True))
@@ -141,6 +142,27 @@ def _mem_bw(dev, dtype, repeats: int) -> float:
     return 3 * n * 4 / _median_time(lambda: a + b, dev, repeats)
 
 
+def probe(repeats: int = 3, device: str = "cpu") -> float:
+    """:func:`_compute_load` on one thread in this process: the machine's speed right now."""
+    from ctxpar.apps.launch import rank_device
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _compute_load(rank_device(device, 0), repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def rank_probe(repeats: int = 3, device: str = "cpu") -> float:
+    """:func:`_compute_load` on a pool rank, every rank at once (after a barrier)."""
+    import torch.distributed as dist
+
+    from ctxpar.apps.launch import rank_device
+
+    return _compute_load(rank_device(device), repeats, dist.barrier)
+
+
 def _compute_load(dev, repeats: int, barrier=None) -> float:
     """Median seconds of :data:`LOAD_CASE`'s causal attention fwd+bwd (after a barrier)."""
     import ctxpar
@@ -230,7 +252,7 @@ def calibrate(device: str = "cpu", worlds=(2, 4), repeats: int = 3) -> dict:
     return {"device": dev.type, "name": name, "dtype": str(dtype).replace("torch.", ""),
             "cores": (os.cpu_count() or 1) if dev.type == "cpu" else 0, "memory": memory,
             "sub_tile_rows": sub_tile_rows(dev), "attn": attn, "matmul": matmul, "mem_bw": mem_bw,
-            "comm": comm, "slowdown": slowdown, "torch": torch.__version__, "load_avg": list(os.getloadavg()),
+            "comm": comm, "slowdown": slowdown, "probe_s": alone, "torch": torch.__version__, "load_avg": list(os.getloadavg()),
             "seconds": time.perf_counter() - t0}
 
 

@@ -44,6 +44,8 @@ class Rates:
     sub_tile_rows: int = 512
     source: str = "preset"
     slowdown: dict = dataclasses.field(default_factory=dict)  # measured: local ranks -> factor
+    load: float = 1.0  # compute slower than at calibration by this (validation tracks it)
+    probe_s: float = 0.0  # the calibration's one-process probe (calibrate.probe), seconds
 
     def attention(self, kind: str, flops: float, tiles: int, head_dim: int) -> float:
         fixed, per_tile, rate = _nearest(self.attn, head_dim)[kind]
@@ -70,10 +72,10 @@ class Rates:
         profile's measurement (every rank computing at once, against one process alone,
         under the machine's load at calibration), else ``local_ranks / cores``."""
         if local_ranks <= 1 or not self.cores:
-            return 1.0
+            return self.load
         if str(local_ranks) in self.slowdown:
-            return max(1.0, float(self.slowdown[str(local_ranks)]))
-        return max(1.0, local_ranks / self.cores)
+            return self.load * max(1.0, float(self.slowdown[str(local_ranks)]))
+        return self.load * max(1.0, local_ranks / self.cores)
 
 
 def preset_rates(dev: DeviceSpec) -> Rates:
@@ -94,7 +96,7 @@ def profile_rates(profile: dict) -> Rates:
                  float(max(profile["matmul"].values())), attn, dict(profile["matmul"]),
                  float(profile["mem_bw"]), comm, cores=int(profile.get("cores", 0)),
                  sub_tile_rows=int(profile["sub_tile_rows"]), source="profile",
-                 slowdown=dict(profile.get("slowdown", {})))
+                 slowdown=dict(profile.get("slowdown", {})), probe_s=float(profile.get("probe_s", 0.0)))
 
 
 def load_profile(path: str) -> Rates:

@@ -68,7 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m("--worlds", default="2,4", help="--calibrate: local rank counts to measure (default 2,4)")
     m("--validate", action="store_true", help="predict and measure ctxpar bench's default matrix")
     m("--bench-results", help="--validate against this bench results.json instead of running the bench")
-    m("--bench-out", help="--validate: keep the bench's results.json in this folder")
+    m("--bench-out", help="--validate --static: keep the bench's results.json in this folder")
+    m("--static", action="store_true", help="--validate: run ctxpar bench itself and predict from the "
+      "profile alone (default: run its cells with the machine's speed probed before each)")
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
@@ -256,9 +258,12 @@ def _validate(args) -> int:
     if args.bench_results:
         with open(args.bench_results) as f:
             results = json.load(f)
+        rows = validate_rows(results, rates)
+    elif args.static:
+        rows = validate_rows(run_bench(args.bench_out), rates)
     else:
-        results = run_bench(args.bench_out)
-    rows = validate_rows(results, rates)
+        from ctxpar.apps.plan.validate import default_cells, measure_tracked
+        rows = measure_tracked(rates, default_cells())
     print(json.dumps(rows, indent=1) if args.json else format_rows(rows))
     return 0
 

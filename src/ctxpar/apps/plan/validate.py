@@ -19,7 +19,8 @@ from ctxpar.apps.plan.rates import Rates
 from ctxpar.apps.plan.specs import ModelSpec, RunSpec
 from ctxpar.apps.plan.work import CPChoice
 
-__all__ = ["predict_cell", "validate_rows", "run_bench", "format_rows", "TOLERANCE"]
+__all__ = ["predict_cell", "validate_rows", "run_bench", "format_rows", "TOLERANCE", "default_cells",
+           "measure_tracked"]
 
 TOLERANCE = 0.20
 
@@ -69,16 +70,83 @@ def run_bench(out_dir: str | None = None, extra: list[str] | None = None) -> dic
         return json.load(f)
 
 
+def default_cells() -> list[dict]:
+    """The ctxpar cells of ``ctxpar bench``'s default matrix (its own flag defaults):
+    N = 1 once per case, every method x layout at N > 1, hybrid [2, N/2] at even N >= 4."""
+    from ctxpar.apps.bench import run as bench
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    cfg = p.parse_args([])
+    ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
+    shape = dict(batch=cfg.batch, heads=cfg.heads, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
+                 causal=cfg.causal != "no", peer=False, hybrid=None)
+    cells = []
+    for w in ints(cfg.worlds):
+        for s in ints(cfg.seq_lens):
+            for dt in cfg.dtypes.split(","):
+                base = dict(shape, world=w, seq_len=s, dtype=dt)
+                if w == 1:
+                    cells.append(dict(base, method="ring", layout="contiguous"))
+                    continue
+                for m in cfg.methods.split(","):
+                    hyb = (2, w // 2) if m == "hybrid" else None
+                    if (m == "hybrid" and (w < 4 or w % 2)) or (
+                            m in ("ulysses", "hybrid") and cfg.heads % (hyb[0] if hyb else w)):
+                        continue
+                    cells += [dict(base, method=m, layout=lay, hybrid=hyb) for lay in cfg.layouts.split(",")]
+    return cells
+
+
+def measure_tracked(rates: Rates, cells: list[dict], *, warmup: int = 1, repeats: int = 5) -> list[dict]:
+    """Run every cell as ``ctxpar bench`` does (its :func:`rank_cell`, one thread per
+    rank) and predict it twice: from the profile as calibrated, and with the machine's
+    speed measured just before the cell (a fixed probe: this process alone, then every
+    rank at once), since other users' load changes several-fold within minutes."""
+    import dataclasses
+    import statistics
+
+    from ctxpar.apps.bench.cells import rank_cell
+    from ctxpar.apps.launch import RankPool
+    from ctxpar.apps.plan.calibrate import probe, rank_probe
+
+    if not rates.probe_s:
+        raise ValueError("the profile has no probe time (probe_s): recalibrate with ctxpar plan --calibrate")
+    opts = dict(device="cpu", warmup=warmup, repeats=repeats, errors=False)
+    rows = []
+    for world in sorted({c["world"] for c in cells}):
+        with RankPool(world, threads=1) as pool:
+            for c in (c for c in cells if c["world"] == world):
+                alone = probe()
+                together = max(pool.run(rank_probe)) if world > 1 else alone
+                res = pool.run(rank_cell, c, opts, timeout=600)
+                now = dataclasses.replace(rates, load=alone / rates.probe_s,
+                                          slowdown={str(world): together / alone})
+                tot = [max(r["tot"][i] for r in res) for i in range(len(res[0]["tot"]))]
+                fwd = [max(r["fwd"][i] for r in res) for i in range(len(res[0]["fwd"]))]
+                meas = dict(c, fwd_s=statistics.median(fwd), tot_s=statistics.median(tot),
+                            tot_spread_s=max(tot) - min(tot))
+                row = validate_rows({"cells": [meas]}, now)[0]
+                row["pred_tot_static"] = predict_cell(c, rates)[1]
+                row["load"], row["slowdown"] = now.load, together / alone
+                rows.append(row)
+    return rows
+
+
 def format_rows(rows: list[dict]) -> str:
+    tracked = "load" in rows[0] if rows else False
+    extra = " profile-only pred s | load x slowdown |" if tracked else ""
     head = ("| N | S | method | layout | pred fwd s | meas fwd s | pred fwd+bwd s | meas fwd+bwd s "
-            "| spread s | pred/meas | within ±20% |\n|---|---|---|---|---|---|---|---|---|---|---|")
+            f"| spread s | pred/meas | within ±20% |{extra}\n|---|---|---|---|---|---|---|---|---|---|---|"
+            + ("---|---|" if tracked else ""))
     lines = [head]
     for r in rows:
         m = r["method"] + (f" {list(r['hybrid'])}" if r["hybrid"] else "")
         spread = "" if r["spread_tot"] is None else f"{r['spread_tot']:.4f}"
         lines.append(f"| {r['world']} | {r['seq_len']} | {m} | {r['layout']} | {r['pred_fwd']:.4f} | "
                      f"{r['meas_fwd']:.4f} | {r['pred_tot']:.4f} | {r['meas_tot']:.4f} | {spread} | "
-                     f"{r['ratio']:.2f} | {'yes' if r['ok'] else 'NO'} |")
+                     f"{r['ratio']:.2f} | {'yes' if r['ok'] else 'NO'} |"
+                     + (f" {r['pred_tot_static']:.4f} | {r['load']:.2f} x {r['slowdown']:.2f} |" if tracked else ""))
     ok = sum(r["ok"] for r in rows)
     lines.append(f"\n{ok} of {len(rows)} cells within ±{TOLERANCE:.0%} (fwd+bwd)")
     return "\n".join(lines)
