@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import os
 import tempfile
 
@@ -130,6 +131,9 @@ def measure_tracked(rates: Rates, cells: list[dict], *, warmup: int = 1, repeats
                 row["pred_tot_static"] = predict_cell(c, rates)[1]
                 row["load"], row["slowdown"] = now.load, together / alone
                 rows.append(row)
+                print(f"N={world} S={c['seq_len']} {c['method']}/{c['layout']}: predicted "
+                      f"{row['pred_tot']:.4f} s, measured {row['meas_tot']:.4f} s (load x{now.load:.2f}, "
+                      f"{world} ranks x{row['slowdown']:.2f})", file=sys.stderr, flush=True)
     return rows
 
 
