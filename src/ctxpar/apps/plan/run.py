@@ -25,8 +25,10 @@ EXAMPLES = """examples:
       --nproc 4 --profile profile.json --method ring --layout contiguous
   ctxpar plan --validate --profile profile.json      # predicted vs measured ctxpar bench cells
 
-Left out of the model: pipeline parallelism, sequence-parallel norms under TP, the
-optimizer step's time, and DP gradient traffic beyond what overlaps the backward."""
+Exit status: 0 a plan that fits; 2 a bad request (one line says why, e.g. heads not
+divisible by a2a); 3 nothing fits without recomputation (says by how many GiB).
+Left out of the model: pipeline parallelism, TP's own communication and sequence-parallel
+norms, the optimizer step's time, DP gradient traffic beyond what overlaps the backward."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--sharding", default="fsdp", choices=("fsdp", "replicated"),
       help="parameters, gradients and Adam state: FSDP over dp x cp (default) or replicated")
     c = p.add_argument_group("cluster").add_argument
-    c("--nodes", type=int, default=1)
+    c("--nodes", type=int, default=1, help="nodes (default 1)")
     c("--per-node", type=int, default=8, help="devices per node (default 8)")
     c("--device", default="h100", help="device preset: h100 (default), h200, b200, a100")
     c("--profile", help="a calibrated profile (ctxpar plan --calibrate) instead of a preset")

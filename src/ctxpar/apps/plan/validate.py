@@ -102,8 +102,9 @@ def default_cells() -> list[dict]:
 def measure_tracked(rates: Rates, cells: list[dict], *, warmup: int = 1, repeats: int = 5) -> list[dict]:
     """Run every cell as ``ctxpar bench`` does (its :func:`rank_cell`, one thread per
     rank) and predict it twice: from the profile as calibrated, and with the machine's
-    speed measured just before the cell (a fixed probe: this process alone, then every
-    rank at once), since other users' load changes several-fold within minutes."""
+    speed measured around the cell (a fixed probe, before and after: this process alone,
+    then every rank at once), since other users' load changes several-fold within
+    minutes. The probe scales compute only; communication keeps the profile's rates."""
     import dataclasses
     import statistics
 
@@ -118,9 +119,10 @@ def measure_tracked(rates: Rates, cells: list[dict], *, warmup: int = 1, repeats
     for world in sorted({c["world"] for c in cells}):
         with RankPool(world, threads=1) as pool:
             for c in (c for c in cells if c["world"] == world):
-                alone = probe()
-                together = max(pool.run(rank_probe)) if world > 1 else alone
+                alone, together = _probes(pool, world, probe, rank_probe)
                 res = pool.run(rank_cell, c, opts, timeout=600)
+                after = _probes(pool, world, probe, rank_probe)  # the load drifts: both sides
+                alone, together = (alone + after[0]) / 2, (together + after[1]) / 2
                 now = dataclasses.replace(rates, load=alone / rates.probe_s,
                                           slowdown={str(world): together / alone})
                 tot = [max(r["tot"][i] for r in res) for i in range(len(res[0]["tot"]))]
@@ -135,6 +137,12 @@ def measure_tracked(rates: Rates, cells: list[dict], *, warmup: int = 1, repeats
                       f"{row['pred_tot']:.4f} s, measured {row['meas_tot']:.4f} s (load x{now.load:.2f}, "
                       f"{world} ranks x{row['slowdown']:.2f})", file=sys.stderr, flush=True)
     return rows
+
+
+def _probes(pool, world: int, probe, rank_probe) -> tuple[float, float]:
+    """(this process alone, the slowest of ``world`` ranks at once) probe seconds."""
+    alone = probe()
+    return alone, (max(pool.run(rank_probe)) if world > 1 else alone)
 
 
 def format_rows(rows: list[dict]) -> str:
