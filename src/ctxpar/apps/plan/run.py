@@ -71,6 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m("--validate", action="store_true", help="predict and measure ctxpar bench's default matrix")
     m("--bench-results", help="--validate against this bench results.json instead of running the bench")
     m("--bench-out", help="--validate --static: keep the bench's results.json in this folder")
+    m("--repeats", type=int, default=5, help="--validate: timed runs per cell (default 5, as ctxpar bench)")
     m("--static", action="store_true", help="--validate: run ctxpar bench itself and predict from the "
       "profile alone (default: run its cells with the machine's speed probed before each)")
 
@@ -265,7 +266,7 @@ def _validate(args) -> int:
         rows = validate_rows(run_bench(args.bench_out), rates)
     else:
         from ctxpar.apps.plan.validate import default_cells, measure_tracked
-        rows = measure_tracked(rates, default_cells())
+        rows = measure_tracked(rates, default_cells(), repeats=args.repeats)
     print(json.dumps(rows, indent=1) if args.json else format_rows(rows))
     return 0
 
