@@ -164,17 +164,23 @@ def rank_probe(repeats: int = 3, device: str = "cpu") -> float:
 
 
 def _compute_load(dev, repeats: int, barrier=None) -> float:
-    """Median seconds of :data:`LOAD_CASE`'s causal attention fwd+bwd (after a barrier)."""
+    """Median seconds of :data:`LOAD_CASE`'s causal attention fwd+bwd; with ``barrier``,
+    every run starts after one (the wait itself is not timed, only the compute)."""
     import ctxpar
 
     s, h, d = LOAD_CASE
     q, k, v = (torch.randn(1, s, h, d, device=dev, requires_grad=True) for _ in range(3))
-
-    def step():
+    times = []
+    for i in range(1 + repeats):
         if barrier is not None:
             barrier()
+        _sync(dev)
+        t0 = time.perf_counter()
         ctxpar.attention(q, k, v, causal=True, check_args=False).sum().backward()
-    return _median_time(step, dev, repeats)
+        _sync(dev)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _rank_comm(device: str, sizes, repeats: int) -> dict:
