@@ -164,19 +164,18 @@ def rank_probe(repeats: int = 3, device: str = "cpu") -> float:
 
 
 def _compute_load(dev, repeats: int, barrier=None) -> float:
-    """Median seconds of :data:`LOAD_CASE`'s causal attention fwd+bwd; with ``barrier``,
-    every run starts after one (the wait itself is not timed, only the compute)."""
-    import ctxpar
-
+    """Median seconds of :data:`LOAD_CASE`'s causal attention fwd+bwd in torch's SDPA (a
+    fixed local workload: never a CP call, even on a pool rank); with ``barrier``, every
+    run starts after one (the wait itself is not timed, only the compute)."""
     s, h, d = LOAD_CASE
-    q, k, v = (torch.randn(1, s, h, d, device=dev, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, h, s, d, device=dev, requires_grad=True) for _ in range(3))
     times = []
     for i in range(1 + repeats):
         if barrier is not None:
             barrier()
         _sync(dev)
         t0 = time.perf_counter()
-        ctxpar.attention(q, k, v, causal=True, check_args=False).sum().backward()
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
         _sync(dev)
         if i:
             times.append(time.perf_counter() - t0)
