@@ -20,7 +20,7 @@ GIB = 1 << 30
 EXAMPLES = """examples:
   ctxpar plan --model llama3-8b --seq-len 1048576 --nodes 8 --per-node 8 --device h100
   ctxpar plan --model path/to/config.json --seq-len 131072 --window 4096 --nodes 2 --device h200 --json
-  ctxpar plan --calibrate --out profile.json          # measure this machine (under a minute)
+  ctxpar plan --calibrate --out profile.json          # measure this machine (about a minute)
   ctxpar plan --model tiny --seq-len 1048576 --window 4096 --ttt-layers 0 --dtype float32 \\
       --nproc 4 --profile profile.json --method ring --layout contiguous
   ctxpar plan --validate --profile profile.json      # predicted vs measured ctxpar bench cells
