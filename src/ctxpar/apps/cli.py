@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "generate": ("ctxpar.apps.generate.run", "prefill held-out recall prompts under CP and decode "
                                              "the answers; compare with one process"),
     "bench": ("ctxpar.apps.bench.run", "measure speed, communication and memory of every method"),
+    "plan": ("ctxpar.apps.plan.run", "pick the CP method, [a2a, p2p] and layout; predict time and memory"),
 }
 
 

@@ -1,0 +1,241 @@
+"""Time and memory of one training step (or one prefill) of a decoder under CP, per rank.
+
+Work comes from :mod:`ctxpar.apps.plan.work` (the library's own tile plans and byte
+formulas), seconds from :class:`ctxpar.apps.plan.rates.Rates`:
+
+- **attention**, per layer and rank: each step's tiles at the kernels' rate (a tile under
+  a causal band costs its visible pairs, as the fused kernels skip the masked part; a
+  windowed sub-tile its whole area) plus a per-call and a per-tile overhead; backward 2.5x
+  the forward's FLOPs (5 matmuls of the tile against 2). A ring step hides its transfer
+  when its compute is at least as long (``max(compute, transfer)``); the backward's
+  dK/dV partial sums ride with the K/V blocks, their last hop is exposed. All-gather
+  overlaps its gather with the diagonal tiles; its reduce-scatter and Ulysses'
+  all-to-alls are exposed. The slowest rank sets the time.
+- **linear layers**: ``2·tokens·weights`` FLOPs forward, twice that backward, at the
+  matmul rate; the LM head likewise; an In-Place TTT layer adds its chunk update and
+  conv/projection FLOPs.
+- **elementwise work** (norms, RoPE, activations, the loss): three passes over the saved
+  activation bytes at the memory bandwidth (read and write forward, backward).
+- **memory**: parameters, gradients and Adam state (replicated, or FSDP over dp x cp),
+  activations saved for backward without recomputation, the largest transient of one
+  layer (K/V blocks and dK/dV partial sums in flight, the MLP's gradients) and the
+  logits' gradient.
+
+Left out (stated in the CLI's output too): sequence-parallel norms under TP, pipeline
+parallelism, the optimizer step's time, allocator fragmentation (5% of memory is kept
+free), and the data-parallel gradient reduction beyond what overlaps the backward.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ctxpar.apps.plan.rates import Rates
+from ctxpar.apps.plan.specs import ClusterSpec, ModelSpec, RunSpec
+from ctxpar.apps.plan.work import (CPChoice, attention_work, comm_bytes, layer_saved_elements,
+                                   local_heads, shard_spec, visible_pairs)
+
+__all__ = ["Estimate", "estimate", "attention_time", "USABLE_MEMORY", "static_bytes_per_param", "time_pairs"]
+
+USABLE_MEMORY = 0.95  # of the device's memory; the rest for fragmentation and workspaces
+BWD_FLOP_RATIO = 2.5  # a tile's backward: 5 matmuls (S, dP, dV, dQ, dK) against the forward's 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Predicted figures of one configuration (seconds and bytes, per rank)."""
+
+    choice: CPChoice
+    dp: int
+    tp: int
+    step_s: float
+    fwd_s: float
+    bwd_s: float
+    attn_s: float
+    attn_comm_exposed_s: float
+    linear_s: float
+    other_s: float
+    memory: dict
+    peak_bytes: float
+    capacity: float
+    tokens_per_s_per_device: float
+    mfu: float
+    peak_flops: float
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.capacity
+
+    @property
+    def short_by(self) -> float:
+        return max(0.0, self.peak_bytes - self.capacity)
+
+
+def static_bytes_per_param(run: RunSpec) -> int:
+    """Bytes per parameter held for training: weights, gradients, Adam's two moments, and
+    an fp32 master copy for half types (bf16: 2 + 4 + 4 + 4 + 4 = 18, fp32: 16, fp64: 32).
+    A prefill holds the weights only."""
+    e = run.elem
+    if run.prefill:
+        return e
+    if e == 8:
+        return 32
+    return 16 if e == 4 else 18
+
+
+def time_pairs(tiles) -> int:
+    """Pairs the kernels compute for ``tiles`` (see the comment)."""
+    # A band open above (causal, or causal shifted) runs as the kernels' causal flag and
+    # costs its visible pairs; every other masked tile is evaluated whole.
+    return sum(visible_pairs(t) if t.band.hi is None else t.score_elements for t in tiles)
+
+
+def _cross_node(group_span: int, cluster: ClusterSpec | None) -> bool:
+    return cluster is not None and group_span > cluster.per_node
+
+
+def _attention_times(model, run, choice, rates: Rates, cluster, tp: int, slow: float):
+    """(fwd seconds, bwd seconds, exposed comm seconds) of one layer's attention on the
+    slowest rank; ``slow`` the compute oversubscription factor."""
+    d = model.head_dim
+    hq_l, _ = local_heads(model, choice, tp)
+    flop_pair = 4 * d * hq_l * run.batch
+    work = attention_work(run, choice, rates.sub_tile_rows)
+    by = comm_bytes(model, run, choice, tp)
+    spec = shard_spec(run, choice)
+    acc = 8 if run.elem == 8 else 4
+    a2a_deg = choice.size if choice.method == "ulysses" else (choice.a2a if choice.method == "hybrid" else 1)
+    a2a_x = _cross_node(a2a_deg * tp, cluster)
+    ring_x = _cross_node(choice.size * tp, cluster)
+    a2a_t = 0.0
+    if a2a_deg > 1:  # four all-to-alls each way (q, k, v, out / dout, dq, dk, dv), exposed
+        a2a_t = 4 * rates.comm_time("all_to_all", by["fwd"]["all_to_all"] / 4, a2a_deg, a2a_x)
+    best = (0.0, 0.0, 0.0)
+    for steps in set(work):
+        fwd_c = [slow * rates.attention("fwd", flop_pair * time_pairs(w.tiles), len(w.tiles), d)
+                 for w in steps]
+        bwd_c = [slow * rates.attention("bwd", BWD_FLOP_RATIO * flop_pair * time_pairs(w.tiles),
+                                        len(w.tiles), d) for w in steps]
+        fwd, bwd, exposed = sum(fwd_c), sum(bwd_c), 2 * a2a_t
+        if choice.method in ("ring", "hybrid") and len(steps) > 1:
+            n = spec.p2p
+            blk = by["fwd"]["p2p"] / (len(steps) - 1)  # one K/V block, bytes
+            dkv = blk / run.elem * acc
+            x_kv = rates.comm_time("p2p", blk, n, ring_x)
+            x_both = rates.comm_time("p2p", blk + dkv, n, ring_x)
+            x_dkv = rates.comm_time("p2p", dkv, n, ring_x)
+            f = sum(max(c, x_kv) for c in fwd_c[:-1]) + fwd_c[-1]
+            b = sum(max(c, x_both) for c in bwd_c[:-1]) + max(bwd_c[-1], x_dkv) + x_dkv
+            exposed += (f - fwd) + (b - bwd)
+            fwd, bwd = f, b
+        elif choice.method == "allgather" and choice.size > 1:
+            t_ag = rates.comm_time("all_gather", by["fwd"]["all_gather"], choice.size, ring_x)
+            t_rs = rates.comm_time("reduce_scatter", by["bwd"]["reduce_scatter"], choice.size, ring_x)
+            f = max(fwd_c[0], t_ag) + sum(fwd_c[1:])
+            exposed += (f - fwd) + t_rs
+            fwd, bwd = f, bwd + t_rs
+        fwd, bwd = fwd + a2a_t, bwd + a2a_t
+        if fwd + bwd > best[0] + best[1]:
+            best = (fwd, bwd, exposed)
+    return best
+
+
+def _linear_flops(model: ModelSpec, run: RunSpec, tokens: float, tp: int) -> tuple[float, float]:
+    """Forward FLOPs of one layer's projections and of the LM head, for ``tokens``."""
+    h, d = model.hidden, model.head_dim
+    per_tok = 2 * (h * (model.heads + 2 * model.kv_heads) * d + model.heads * d * h + 3 * h * model.ffn)
+    ttt = 2 * (3 * h * model.ffn + h * h)  # chunk update, apply, summary; conv + projection
+    return tokens * per_tok / tp, tokens * (2 * h * model.vocab / tp), tokens * ttt / tp
+
+
+def _memory(model, run, choice, cluster, tp: int, dp: int, tokens: float, rates: Rates) -> dict:
+    e, acc = run.elem, (8 if run.elem == 8 else 4)
+    # FSDP shards training state; a prefill holds its (replicated) weights on every rank.
+    shard = dp * choice.size if run.sharding == "fsdp" and not run.prefill else 1
+    params = model.params / tp
+    layer_params = params / model.layers
+    mem = {"params+grads+optimizer": params * static_bytes_per_param(run) / shard}
+    if shard > 1:  # two layers' weights and gradients gathered (prefetch)
+        mem["params+grads+optimizer"] += 2 * layer_params * e * 2
+    hq_l, hkv_l = local_heads(model, choice, tp)
+    d = model.head_dim
+    spec = shard_spec(run, choice)
+    n_ttt = len(run.ttt_layers)
+    if run.prefill:
+        mem["kv_cache"] = model.layers * tokens * 2 * (model.kv_heads // tp or 1) * d * e
+        per = layer_saved_elements(model, choice, tp=tp)
+        mem["activations"] = tokens * (per["act"] * e + per["fp32"] * 4)  # one layer live
+        mem["transient"] = tokens * model.vocab * 4 / tp
+        return mem
+    saved = 0.0
+    for i in range(model.layers):
+        per = layer_saved_elements(model, choice, tp=tp, ttt=i in run.ttt_layers)
+        saved += per["act"] * e + per["fp32"] * 4
+    model_terms = 8 + 2 * d * e + 3 * model.hidden * e + 4 + model.vocab * (e + 4) / tp
+    mem["activations"] = tokens * (saved + model_terms)
+    blk = 2 * run.batch * (spec.seq_len // spec.p2p) * hkv_l * d
+    in_flight = 0.0
+    if choice.method in ("ring", "hybrid") and spec.p2p > 1:
+        in_flight = 2 * blk * e + 3 * blk * acc + tokens * hq_l * (choice.size // spec.p2p) * d * acc
+    elif choice.method == "allgather" and choice.size > 1:
+        in_flight = 2 * choice.size * blk * acc
+    mlp = 3 * tokens * model.ffn / tp * e
+    mem["transient"] = max(in_flight, mlp) + tokens * model.vocab * 4 / tp
+    if n_ttt:
+        mem["ttt_state"] = n_ttt * (2 * run.batch * model.hidden * model.ffn * 4 / tp)
+    return mem
+
+
+def attention_time(model: ModelSpec, run: RunSpec, choice: CPChoice, rates: Rates,
+                   cluster: ClusterSpec | None = None, *, local_ranks: int | None = None):
+    """(forward, backward) seconds of one ``ctxpar.attention`` call with ``choice`` on its
+    slowest rank (what ``ctxpar bench`` times); ``local_ranks`` as in :func:`estimate`."""
+    tp = cluster.tp if cluster else 1
+    slow = rates.oversubscription(local_ranks or choice.size * tp)
+    fwd, bwd, _ = _attention_times(model, run, choice, rates, cluster, tp, slow)
+    return fwd, bwd
+
+
+def estimate(model: ModelSpec, run: RunSpec, choice: CPChoice, rates: Rates,
+             cluster: ClusterSpec | None = None, *, local_ranks: int | None = None) -> Estimate:
+    """Predicted step (or prefill) of ``model`` on ``run`` with ``choice`` for CP; the
+    rest of the cluster's devices (after TP) is data parallelism. ``local_ranks``: ranks
+    sharing this machine's cores (a CPU profile; default: the CP degree)."""
+    tp = cluster.tp if cluster else 1
+    world = cluster.world if cluster else choice.size
+    dp = max(1, world // (choice.size * tp))
+    slow = rates.oversubscription(local_ranks or choice.size * tp)
+    spec = shard_spec(run, choice)
+    tokens = run.batch * spec.seq_len / choice.size
+    a_f, a_b, exposed = _attention_times(model, run, choice, rates, cluster, tp, slow)
+    lin, head, ttt = _linear_flops(model, run, tokens, tp)
+    k = model.hidden
+    lin_f = slow * rates.matmul_time(lin, k)
+    head_f = slow * rates.matmul_time(head, k)
+    ttt_f = slow * rates.matmul_time(ttt, k) * len(run.ttt_layers)
+    mem = _memory(model, run, choice, cluster, tp, dp, tokens, rates)
+    act_bytes = mem["activations"]
+    n_pass = 1 if run.prefill else 3
+    other = slow * n_pass * rates.elementwise(act_bytes)
+    L = model.layers
+    if run.prefill:
+        fwd = L * (a_f + lin_f) + head_f + ttt_f + other
+        bwd = 0.0
+    else:
+        fwd = L * (a_f + lin_f) + head_f + ttt_f + other / 3
+        bwd = L * (a_b + 2 * lin_f) + 2 * head_f + 2 * ttt_f + 2 * other / 3
+    step = fwd + bwd
+    peak = sum(mem.values())
+    # Model FLOPs: the linear work and the attention pairs a causal kernel must compute.
+    work = attention_work(run, choice, rates.sub_tile_rows)
+    pairs = sum(time_pairs(w.tiles) for steps in work for w in steps)
+    hq_l = local_heads(model, choice, tp)[0]
+    attn_flops = 4 * model.head_dim * hq_l * run.batch * pairs * L  # all ranks of the group
+    dense = (lin * L + head + ttt * len(run.ttt_layers)) * choice.size
+    mult = 1 if run.prefill else 3
+    amult = 1 if run.prefill else 1 + BWD_FLOP_RATIO
+    flops = (dense * mult + attn_flops * amult) / choice.size
+    mfu = flops / (step * rates.peak_flops) if step > 0 else 0.0
+    tps = run.batch * run.seq_len / (step * choice.size * tp)
+    return Estimate(choice, dp, tp, step, fwd, bwd, L * (a_f + a_b), L * exposed,
+                    L * 3 * lin_f + 3 * head_f, other, mem, peak, USABLE_MEMORY * rates.memory, tps, mfu,
+                    rates.peak_flops)

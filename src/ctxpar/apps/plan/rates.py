@@ -1,0 +1,114 @@
+"""How fast a device does each kind of work: the one interface the cost model times with.
+
+:class:`Rates` answers "how many seconds" for attention tiles, matmuls, elementwise
+traffic and collectives. It is built either from a device preset (datasheet peaks times
+assumed efficiencies, :class:`~ctxpar.apps.plan.specs.DeviceSpec`) or from a calibrated
+profile (``ctxpar plan --calibrate``, :mod:`ctxpar.apps.plan.calibrate`), whose JSON holds
+linear fits ``seconds = fixed + per_call * calls + work / rate`` measured on this machine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+from ctxpar.apps.plan.specs import DeviceSpec
+
+__all__ = ["Rates", "preset_rates", "profile_rates", "load_profile"]
+
+# Collectives the cost model times; "p2p" is one ring step's exchange.
+COMM_OPS = ("p2p", "all_to_all", "all_gather", "reduce_scatter")
+
+
+def _nearest(table: dict, key: float):
+    """The entry of ``table`` (str keys of numbers) nearest to ``key`` on a log scale."""
+    best = min(table, key=lambda k: abs(math.log(float(k)) - math.log(max(key, 1e-9))))
+    return table[best]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rates:
+    """Seconds per unit of work on one device (one rank). ``attn[head_dim][kind]`` =
+    ``(fixed_s, per_tile_s, flop_per_s)`` for kind "fwd"/"bwd"; ``matmul[k]`` = FLOP/s of
+    a matmul with inner/outer size k; ``comm[n][op]`` = ``(latency_s, bytes_per_s)`` of
+    ``op`` over n ranks (key "intra"/"inter" for presets: the link crossed)."""
+
+    name: str
+    memory: float
+    peak_flops: float
+    attn: dict
+    matmul: dict
+    mem_bw: float
+    comm: dict
+    cores: int = 0  # 0: one device per rank (GPUs); else ranks share this many CPU cores
+    sub_tile_rows: int = 512
+    source: str = "preset"
+    slowdown: dict = dataclasses.field(default_factory=dict)  # measured: local ranks -> factor
+    load: float = 1.0  # compute slower than at calibration by this (validation tracks it)
+    probe_s: float = 0.0  # the calibration's one-process probe (calibrate.probe), seconds
+
+    def attention(self, kind: str, flops: float, tiles: int, head_dim: int) -> float:
+        fixed, per_tile, rate = _nearest(self.attn, head_dim)[kind]
+        return fixed + per_tile * tiles + flops / rate
+
+    def matmul_time(self, flops: float, k: int) -> float:
+        return flops / _nearest(self.matmul, k)
+
+    def elementwise(self, nbytes: float) -> float:
+        return nbytes / self.mem_bw
+
+    def comm_time(self, op: str, nbytes: float, n: int, cross_node: bool = False) -> float:
+        """Seconds of one ``op`` receiving ``nbytes`` per rank over ``n`` ranks."""
+        if n <= 1 or nbytes <= 0:
+            return 0.0
+        if "intra" in self.comm:
+            lat, bw = self.comm["inter" if cross_node else "intra"][op]
+        else:
+            lat, bw = _nearest(self.comm, n)[op]
+        return lat + nbytes / bw
+
+    def oversubscription(self, local_ranks: int) -> float:
+        """How much slower each rank computes when ``local_ranks`` share the cores: the
+        profile's measurement (every rank computing at once, against one process alone,
+        under the machine's load at calibration), else ``local_ranks / cores``."""
+        if local_ranks <= 1 or not self.cores:
+            return self.load
+        if str(local_ranks) in self.slowdown:
+            return self.load * max(1.0, float(self.slowdown[str(local_ranks)]))
+        return self.load * max(1.0, local_ranks / self.cores)
+
+
+def preset_rates(dev: DeviceSpec) -> Rates:
+    """Rates of a datasheet device at its assumed achieved fractions of peak."""
+    attn = {"128": {"fwd": (0.0, 5e-6, dev.peak_flops * dev.attn_fwd_eff),
+                    "bwd": (0.0, 10e-6, dev.peak_flops * dev.attn_bwd_eff)}}
+    comm = {"intra": {op: (dev.intra_lat, dev.intra_bw) for op in COMM_OPS},
+            "inter": {op: (dev.inter_lat, dev.inter_bw) for op in COMM_OPS}}
+    return Rates(dev.name, dev.memory, dev.peak_flops, attn, {"4096": dev.peak_flops * dev.matmul_eff},
+                 dev.mem_bw, comm, sub_tile_rows=dev.sub_tile_rows)
+
+
+def profile_rates(profile: dict) -> Rates:
+    """Rates measured by ``ctxpar plan --calibrate`` (the profile JSON as a dict)."""
+    attn = {k: {kind: tuple(v[kind]) for kind in ("fwd", "bwd")} for k, v in profile["attn"].items()}
+    comm = {k: {op: tuple(v[op]) for op in COMM_OPS} for k, v in profile["comm"].items()}
+    return Rates(profile.get("name", profile["device"]), float(profile["memory"]),
+                 float(max(profile["matmul"].values())), attn, dict(profile["matmul"]),
+                 float(profile["mem_bw"]), comm, cores=int(profile.get("cores", 0)),
+                 sub_tile_rows=int(profile["sub_tile_rows"]), source="profile",
+                 slowdown=dict(profile.get("slowdown", {})), probe_s=float(profile.get("probe_s", 0.0)))
+
+
+def load_profile(path: str) -> Rates:
+    """:func:`profile_rates` of a JSON file; a ValueError names what is wrong."""
+    try:
+        with open(path) as f:
+            profile = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read profile {path!r}: {e}") from None
+    missing = [k for k in ("device", "memory", "attn", "matmul", "mem_bw", "comm", "sub_tile_rows")
+               if k not in profile]
+    if missing:
+        raise ValueError(f"{path}: not a ctxpar plan profile (missing {missing}); make one with "
+                         f"ctxpar plan --calibrate --out {path}")
+    return profile_rates(profile)
