@@ -128,6 +128,7 @@ def _read_run(path: str) -> dict:
     import warnings
 
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     run = {"step": 0, "config": "", "lengths": ""}
     try:
@@ -135,11 +136,16 @@ def _read_run(path: str) -> dict:
             warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
             dcp.load({"run": run}, checkpoint_id=path, no_dist=True)
         run["config"], run["lengths"] = json.loads(run["config"]), json.loads(run["lengths"])
-    except Exception as e:  # noqa: BLE001 - any failure to read is "corrupt"
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - unreadable is "corrupt"
         raise ValueError(f"checkpoint {path} is missing or corrupt, not a readable ctxpar "
-                         f"train checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-                         ) from None
+                         f"train checkpoint ({_why(e)})") from None
     return run
+
+
+def _why(e: BaseException) -> str:
+    """The cause in one line: DCP wraps the rank's error; its last line says what failed."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {(lines[-1] if lines else '')[:200]}"
 
 
 def check_resume(cfg) -> int:
@@ -248,7 +254,11 @@ def _check_shapes(path: str, state: dict) -> None:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    meta = FileSystemReader(path).read_metadata().state_dict_metadata
+    try:
+        meta = FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - unreadable metadata is a corrupt checkpoint
+        raise ValueError(f"checkpoint {path} could not be read, it is corrupt ({_why(e)})"
+                         ) from None
     for key, tensor in _flat("model", state["model"]):
         md = meta.get(key)
         if not isinstance(md, TensorStorageMetadata):
@@ -269,15 +279,16 @@ def restore(r, opt, path: str) -> tuple[int, dict]:
     returns (step, history). Sets ``r.lengths`` to the checkpoint's schedule."""
     import torch
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = _state(r, opt, 0, {})
     _check_shapes(path, state)
     try:
         dcp.load(state, checkpoint_id=path)
-    except Exception as e:  # noqa: BLE001 - a failed read is a corrupt checkpoint
-        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]})") from None
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - unreadable is corrupt
+        raise ValueError(f"checkpoint {path} could not be read, it is corrupt ({_why(e)})"
+                         ) from None
     set_state_dict(r.model, opt, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
     run = state["run"]
