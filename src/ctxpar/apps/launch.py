@@ -342,6 +342,12 @@ class HangWatch:
     group: Any
     rank: int
 
+    def close(self) -> None:
+        """Release the spare group (local; no collective)."""
+        import torch.distributed as dist
+
+        dist.destroy_process_group(self.group)
+
     @property
     def roll_call_s(self) -> float:
         """How long the roll call waits: a quarter of the timeout, between 2 and 30 s."""

@@ -216,14 +216,16 @@ def _train_step(r: Rank, opt: torch.optim.Optimizer, step: int) -> dict:
             "tokens": bs * n, "step_s": dt, "tokens_per_s": bs * n / dt}
 
 
-def train_loop(r: Rank) -> dict[str, list]:
-    """``cfg.steps`` AdamW steps; returns the history: one list per field of a step's row."""
+def train_loop(r: Rank, watch=None) -> dict[str, list]:
+    """``cfg.steps`` AdamW steps; returns the history: one list per field of a step's row.
+    With ``cfg.ckpt``, resumes from the latest checkpoint and saves on the way. ``watch``:
+    a :class:`ctxpar.apps.launch.HangWatch` (made here if None)."""
     cfg = r.cfg
     opt = torch.optim.AdamW(r.params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     progress = _Progress(cfg.steps, cfg.progress and r.rank == 0)
     hist: dict[str, list] = {k: [] for k in ("loss", "acc", "seq_len", "tokens", "step_s",
                                              "tokens_per_s")}
-    watch = hang_watch(cfg.timeout)  # collective: every rank
+    watch = watch or hang_watch(cfg.timeout)  # collective: every rank
     start = _resume(r, opt, hist, watch)
     try:
         for step in range(start, cfg.steps):
@@ -351,9 +353,13 @@ def save_model(r: Rank) -> str:
 def train_worker(cfg: TrainConfig) -> dict | None:
     """Runs on every rank; returns the metrics dict on rank 0 and None elsewhere."""
     r = setup(cfg)
-    step = equivalence_step(r)
-    hist = train_loop(r)
-    recall = evaluate(r)
+    watch = hang_watch(cfg.timeout)  # collective: every rank
+    with watch_collectives("the equivalence step (forward/backward at full length)", watch):
+        step = equivalence_step(r)
+    hist = train_loop(r, watch)
+    with watch_collectives("the held-out evaluation", watch):
+        recall = evaluate(r)
+    watch.close()
     if r.rank != 0:
         return None
     t = r.task
