@@ -38,9 +38,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(args: list[str]) -> subprocess.Popen:
+def _start(args: list[str], **env: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(),
+                            stderr=subprocess.PIPE, text=True, env=dict(_env(), **env),
                             start_new_session=True)
 
 
@@ -69,9 +69,12 @@ def _finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, st
 
 
 def _torchrun(port: int, nnodes: int, node_rank: int, *args: str) -> subprocess.Popen:
+    # A fresh store per rendezvous round: on torch's shared one a restarted group can read
+    # the dead group's addresses (see ctxpar.apps.launch).
     return _start(["-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node-rank",
                    str(node_rank), "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-                   "--rdzv-endpoint", f"127.0.0.1:{port}", *args])
+                   "--rdzv-endpoint", f"127.0.0.1:{port}", *args],
+                  TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
 
 
 def test_elastic_restart_after_sigkill_matches_uninterrupted_run(rank_pools, tmp_path):

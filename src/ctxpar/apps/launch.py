@@ -290,6 +290,7 @@ def run_job(fn: Callable[..., Any], *args, nproc: int = 2, device: str = "cpu",
         import torch.distributed as dist
 
         if not dist.is_initialized():
+            _warn_shared_store_restart()
             rank_device(device)  # before the group: NCCL binds to the current GPU
             extra = ({} if collective_timeout is None else
                      {"timeout": datetime.timedelta(seconds=collective_timeout)})
@@ -304,6 +305,19 @@ def run_job(fn: Callable[..., Any], *args, nproc: int = 2, device: str = "cpu",
         raise
     finally:
         pool.close()
+
+
+def _warn_shared_store_restart() -> None:
+    """A restarted torchrun group (``--max-restarts``) on the agent's shared TCP store can
+    read the dead group's addresses, which have the same keys, and fail or hang while
+    connecting. torch's opt-out, ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in torchrun's
+    environment, gives every rendezvous round a fresh store; say so on rank 0."""
+    if (os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and os.environ.get("RANK") == "0"):
+        print("ctxpar: warning: a restarted torchrun group on the shared rendezvous store may "
+              "read the previous group's addresses and fail to connect; start torchrun with "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for elastic restarts", file=sys.stderr)
 
 
 def run_command_job(command: str, fn: Callable[..., Any], *args, **kwargs) -> list[Any] | None:
