@@ -17,7 +17,6 @@ raises ``KeyboardInterrupt``) so that the pools kill their ranks on the way out.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import multiprocessing as mp
 import os
@@ -32,8 +31,7 @@ import traceback
 from typing import Any, Callable, Iterator
 
 __all__ = ["RankPool", "RankError", "RankTimeout", "Stopped", "stop_on_signals",
-           "under_torchrun", "run_job", "run_command_job", "rank_device", "CollectiveTimeout",
-           "HangWatch", "hang_watch", "watch_collectives"]
+           "under_torchrun", "run_job", "run_command_job", "rank_device"]
 
 #: Signals that stop a launcher the way Ctrl-C does (see :func:`stop_on_signals`).
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -337,79 +335,3 @@ def run_command_job(command: str, fn: Callable[..., Any], *args, **kwargs) -> li
         print(f"ctxpar {command}: rank {os.environ.get('RANK')} failed (torchrun stops the "
               f"others):\n{traceback.format_exc()}", file=sys.stderr)
     return None
-
-
-# ------------------------------------------------------------------------- hung ranks
-
-
-class CollectiveTimeout(RuntimeError):
-    """A collective did not complete within the process group's timeout: some peer went
-    silent (stopped, hung or dead). The message names the phase and the silent ranks."""
-
-
-@dataclasses.dataclass(frozen=True)
-class HangWatch:
-    """What :func:`watch_collectives` needs: the collective timeout (seconds) and a spare
-    gloo group for the roll call (the main group may be wedged by the timed-out op)."""
-
-    timeout_s: float
-    group: Any
-    rank: int
-
-    def close(self) -> None:
-        """Release the spare group (local; no collective)."""
-        import torch.distributed as dist
-
-        dist.destroy_process_group(self.group)
-
-    @property
-    def roll_call_s(self) -> float:
-        """How long the roll call waits: a quarter of the timeout, between 2 and 30 s."""
-        return max(2.0, min(self.timeout_s / 4, 30.0))
-
-
-def hang_watch(timeout_s: float) -> HangWatch:
-    """Collective (every rank of the world): the :class:`HangWatch` of this rank."""
-    import torch.distributed as dist
-
-    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    return HangWatch(timeout_s, group, dist.get_rank())
-
-
-def _is_timeout(e: BaseException) -> bool:
-    text = str(e).lower()
-    return "timed out" in text or "timeout" in text
-
-
-def _roll_call(watch: HangWatch) -> str:
-    """Which ranks are silent, by gloo's ``monitored_barrier`` on the spare group: rank 0
-    waits for every rank (``wait_all_ranks``) and its error lists the ranks that did not
-    arrive; another rank only learns whether rank 0 released it."""
-    import torch.distributed as dist
-
-    try:
-        dist.monitored_barrier(group=watch.group, wait_all_ranks=True,
-                               timeout=datetime.timedelta(seconds=watch.roll_call_s))
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        if watch.rank == 0:
-            return f"roll call: {first}"
-        return (f"roll call: rank 0 did not release it within {watch.roll_call_s:.0f}s (rank 0 "
-                f"is silent, or it names the silent ranks in its own error): {first}")
-    return "roll call: every rank answered (a peer is alive but slower than --timeout)"
-
-
-@contextlib.contextmanager
-def watch_collectives(what: str, watch: HangWatch | None) -> Iterator[None]:
-    """Within the block, a collective that times out (the process group's ``timeout``)
-    becomes :class:`CollectiveTimeout` naming this rank, ``what`` (the phase and its
-    collectives) and, after a short roll call, the silent ranks. Other errors pass."""
-    try:
-        yield
-    except RuntimeError as e:
-        if watch is None or isinstance(e, CollectiveTimeout) or not _is_timeout(e):
-            raise
-        raise CollectiveTimeout(
-            f"rank {watch.rank}: {what}: a collective did not complete within "
-            f"{watch.timeout_s:g}s (--timeout): {str(e).strip().splitlines()[0][:300]}; "
-            f"{_roll_call(watch)}") from e

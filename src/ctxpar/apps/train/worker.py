@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ctxpar.apps.launch import hang_watch, watch_collectives
+from ctxpar.apps.watch import hang_watch, watch_collectives
 from ctxpar.apps.train.config import TrainConfig, length_multiple
 
 __all__ = ["Rank", "setup", "equivalence_step", "train_loop", "evaluate", "train_worker",
@@ -219,7 +219,7 @@ def _train_step(r: Rank, opt: torch.optim.Optimizer, step: int) -> dict:
 def train_loop(r: Rank, watch=None) -> dict[str, list]:
     """``cfg.steps`` AdamW steps; returns the history: one list per field of a step's row.
     With ``cfg.ckpt``, resumes from the latest checkpoint and saves on the way. ``watch``:
-    a :class:`ctxpar.apps.launch.HangWatch` (made here if None)."""
+    a :class:`ctxpar.apps.watch.HangWatch` (made here if None)."""
     cfg = r.cfg
     opt = torch.optim.AdamW(r.params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     progress = _Progress(cfg.steps, cfg.progress and r.rank == 0)
