@@ -248,9 +248,10 @@ def _prune(ck: CheckpointConfig) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _check_shapes(path: str, state: dict) -> None:
+def _check_shapes(path: str, state: dict) -> dict:
     """ValueError naming the first tensor whose shape in the checkpoint differs from this
-    run's (a checkpoint of another model), before anything is loaded."""
+    run's (a checkpoint of another model), before anything is loaded; returns the
+    checkpoint's metadata by key."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -267,6 +268,7 @@ def _check_shapes(path: str, state: dict) -> None:
         if tuple(md.size) != tuple(tensor.shape):
             raise ValueError(f"checkpoint {path} holds {key} of shape {tuple(md.size)}, this "
                              f"model's is {tuple(tensor.shape)}: it was written by another model")
+    return meta
 
 
 def _flat(prefix: str, d: dict):
@@ -283,7 +285,8 @@ def restore(r, opt, path: str) -> tuple[int, dict]:
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = _state(r, opt, 0, {})
-    _check_shapes(path, state)
+    if "run.rng_cuda" not in _check_shapes(path, state):
+        state["run"].pop("rng_cuda", None)  # saved on CPU, resumed on CUDA: its seed stays
     try:
         dcp.load(state, checkpoint_id=path)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - unreadable is corrupt
