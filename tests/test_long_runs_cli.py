@@ -147,7 +147,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the ranks through /proc")
 def test_sigstopped_rank_fails_the_run_within_timeout(tmp_path):
-    timeout = 5
+    timeout = 10
     proc = _start(["-m", "ctxpar", "train", "--nproc", "2", "--steps", "2000", "--seq-len",
                    "192", "--hidden", "32", "--kv-heads", "2", "--no-progress",
                    "--no-equivalence", "--eval-batches", "0", "--timeout", str(timeout),

@@ -108,8 +108,19 @@ def _exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="ctxpar-exit-with-parent", daemon=True).start()
 
 
+def _wait_for_peers(store, world: int, timeout_s: float) -> None:
+    """Rank side: wait (up to the start timeout) until every rank has reached its store, so
+    that the process group's own rendezvous, bounded by the collective timeout (which may
+    be a few seconds), does not count the ranks' uneven start-up (imports on a busy
+    machine)."""
+    store.add("ctxpar/arrived", 1)
+    deadline = time.monotonic() + timeout_s
+    while int(store.add("ctxpar/arrived", 0)) < world and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _worker(rank, world, store_path, backend, threads, tasks, results, sys_path, env, timeout_s,
-            parent_pid):
+            parent_pid, start_timeout_s=120.0):
     _exit_with_parent(parent_pid)
     sys.path[:] = sys_path
     os.environ.update(env)
@@ -120,6 +131,7 @@ def _worker(rank, world, store_path, backend, threads, tasks, results, sys_path,
     if backend == "nccl":
         rank_device("cuda", rank)
     store = dist.FileStore(store_path, world)
+    _wait_for_peers(store, world, start_timeout_s)
     dist.init_process_group(
         backend, store=store, rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),
@@ -162,7 +174,7 @@ class RankPool:
                     target=_worker,
                     args=(r, world_size, os.path.join(self._dir, "store"), backend, threads,
                           self._tasks[r], self._results, list(sys.path), dict(env or {}),
-                          collective_timeout_s, os.getpid()),
+                          collective_timeout_s, os.getpid(), start_timeout_s),
                     daemon=True,
                 )
                 p.start()

@@ -49,7 +49,9 @@ def hang_watch(timeout_s: float) -> HangWatch:
     """Collective (every rank of the world): the :class:`HangWatch` of this rank."""
     import torch.distributed as dist
 
-    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    # The group's own timeout only bounds its creation (the roll call passes its own):
+    # generous, so that a short --timeout does not fail a slow start.
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=max(timeout_s, 120)))
     return HangWatch(timeout_s, group, dist.get_rank())
 
 
