@@ -41,11 +41,15 @@ class RankError(RuntimeError):
     """One or more ranks raised; ``failures`` maps rank -> formatted traceback, and
     ``exc_types`` maps rank -> the exception's type name."""
 
-    def __init__(self, failures: dict[int, str], exc_types: dict[int, str]):
+    def __init__(self, failures: dict[int, str], exc_types: dict[int, str],
+                 silent: list[int] | None = None):
         self.failures = failures
         self.exc_types = exc_types
+        self.silent = list(silent or [])
         body = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))
-        super().__init__(f"{len(failures)} rank(s) failed: {sorted(failures)}\n{body}")
+        quiet = (f"; silent rank(s) {self.silent} never answered (stopped or hung; killed)"
+                 if self.silent else "")
+        super().__init__(f"{len(failures)} rank(s) failed: {sorted(failures)}{quiet}\n{body}")
 
 
 class RankTimeout(RuntimeError):
@@ -104,8 +108,19 @@ def _exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="ctxpar-exit-with-parent", daemon=True).start()
 
 
+def _wait_for_peers(store, world: int, timeout_s: float) -> None:
+    """Rank side: wait (up to the start timeout) until every rank has reached its store, so
+    that the process group's own rendezvous, bounded by the collective timeout (which may
+    be a few seconds), does not count the ranks' uneven start-up (imports on a busy
+    machine)."""
+    store.add("ctxpar/arrived", 1)
+    deadline = time.monotonic() + timeout_s
+    while int(store.add("ctxpar/arrived", 0)) < world and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _worker(rank, world, store_path, backend, threads, tasks, results, sys_path, env, timeout_s,
-            parent_pid):
+            parent_pid, start_timeout_s=120.0):
     _exit_with_parent(parent_pid)
     sys.path[:] = sys_path
     os.environ.update(env)
@@ -116,6 +131,7 @@ def _worker(rank, world, store_path, backend, threads, tasks, results, sys_path,
     if backend == "nccl":
         rank_device("cuda", rank)
     store = dist.FileStore(store_path, world)
+    _wait_for_peers(store, world, start_timeout_s)
     dist.init_process_group(
         backend, store=store, rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),
@@ -158,7 +174,7 @@ class RankPool:
                     target=_worker,
                     args=(r, world_size, os.path.join(self._dir, "store"), backend, threads,
                           self._tasks[r], self._results, list(sys.path), dict(env or {}),
-                          collective_timeout_s, os.getpid()),
+                          collective_timeout_s, os.getpid(), start_timeout_s),
                     daemon=True,
                 )
                 p.start()
@@ -193,7 +209,8 @@ class RankPool:
             self.close(kill=True)
             msg = f"ranks {missing} did not answer within {timeout:.0f}s (hang or crash)"
             if failures:
-                raise RankError(failures, {r: e for r, (ok, _, e) in got.items() if not ok}) from RankTimeout(msg)
+                raise RankError(failures, {r: e for r, (ok, _, e) in got.items() if not ok},
+                                silent=missing) from RankTimeout(msg)
             raise RankTimeout(msg)
         return got
 
@@ -267,7 +284,8 @@ def under_torchrun() -> bool:
 
 
 def run_job(fn: Callable[..., Any], *args, nproc: int = 2, device: str = "cpu",
-            timeout: float = 3600.0, threads: int = 1, **kwargs) -> list[Any]:
+            timeout: float = 3600.0, threads: int = 1, collective_timeout: float | None = None,
+            **kwargs) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on every rank and return the results in rank order.
 
     Under torchrun this process is one rank: the process group is initialised from the
@@ -275,15 +293,21 @@ def run_job(fn: Callable[..., Any], *args, nproc: int = 2, device: str = "cpu",
     this rank's result. Otherwise ``nproc`` local processes are spawned (NCCL, one GPU
     each, for ``device="cuda"``; gloo otherwise). A rank failure raises :class:`RankError`
     carrying its traceback; Ctrl-C (and SIGTERM or SIGHUP within :func:`stop_on_signals`)
-    kills every rank."""
+    kills every rank. ``collective_timeout`` (seconds; default: the pool's 120 s, torch's
+    default under torchrun) bounds every collective of the process group, ``timeout``
+    the whole job on a local pool."""
     if under_torchrun():
         import torch.distributed as dist
 
         if not dist.is_initialized():
+            _warn_shared_store_restart()
             rank_device(device)  # before the group: NCCL binds to the current GPU
-            dist.init_process_group("nccl" if device == "cuda" else "gloo")
+            extra = ({} if collective_timeout is None else
+                     {"timeout": datetime.timedelta(seconds=collective_timeout)})
+            dist.init_process_group("nccl" if device == "cuda" else "gloo", **extra)
         return [fn(*args, **kwargs)]
-    pool = RankPool(nproc, threads=threads, backend="nccl" if device == "cuda" else "gloo")
+    pool = RankPool(nproc, threads=threads, backend="nccl" if device == "cuda" else "gloo",
+                    collective_timeout_s=collective_timeout or 120.0)
     try:
         return pool.run(fn, *args, timeout=timeout, **kwargs)
     except BaseException:
@@ -291,6 +315,19 @@ def run_job(fn: Callable[..., Any], *args, nproc: int = 2, device: str = "cpu",
         raise
     finally:
         pool.close()
+
+
+def _warn_shared_store_restart() -> None:
+    """A restarted torchrun group (``--max-restarts``) on the agent's shared TCP store can
+    read the dead group's addresses, which have the same keys, and fail or hang while
+    connecting. torch's opt-out, ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in torchrun's
+    environment, gives every rendezvous round a fresh store; say so on rank 0."""
+    if (os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and os.environ.get("RANK") == "0"):
+        print("ctxpar: warning: a restarted torchrun group on the shared rendezvous store may "
+              "read the previous group's addresses and fail to connect; start torchrun with "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for elastic restarts", file=sys.stderr)
 
 
 def run_command_job(command: str, fn: Callable[..., Any], *args, **kwargs) -> list[Any] | None:

@@ -10,16 +10,24 @@ Data parallelism composes by adding outer axes: a 3-D mesh ``("dp", "ring", "uly
 holds ``dp`` independent CP meshes side by side; every ctxpar function taking ``group=``
 uses only the ``ring``/``ulysses`` axes of the mesh slice this rank belongs to.
 
+Node boundary: :func:`cp_mesh` checks, once per mesh, that every Ulysses group lies within
+one node (the node of a rank: torchrun's ``GROUP_RANK``, the rank of its agent, and the
+hostname) and raises ``ValueError`` on every rank otherwise, unless
+``allow_cross_node_ulysses=True``.
+
 Nothing is cached here: a mesh is resolved into its process groups on every call
 (DeviceMesh slicing creates no new process group, so it needs no communication).
 """
 from __future__ import annotations
 
+import os
+import socket
+
 import torch.distributed as dist
 
 from ctxpar.dist.topology import RING, ULYSSES, is_mesh, mesh_axis_names as _names
 
-__all__ = ["cp_mesh"]
+__all__ = ["cp_mesh", "node_of_this_rank", "check_ulysses_within_nodes"]
 
 
 def _check_sizes(sizes) -> tuple[int, int]:
@@ -36,7 +44,33 @@ def _check_sizes(sizes) -> tuple[int, int]:
     return a2a, p2p
 
 
-def cp_mesh(hierarchical_context_parallel_sizes, *, device_type: str = "cpu", mesh=None):
+def node_of_this_rank() -> str:
+    """This process's node: the hostname, and torchrun's ``GROUP_RANK`` (its agent's rank)
+    when set, so that two agents on one machine count as two nodes, as they are laid out."""
+    group = os.environ.get("GROUP_RANK")
+    return socket.gethostname() + (f"/node{group}" if group is not None else "")
+
+
+def check_ulysses_within_nodes(mesh) -> None:
+    """Collective over the world (one ``all_gather_object``): raise the same ``ValueError``
+    on every rank if a Ulysses group of any rank's 2-D ``("ring", "ulysses")`` ``mesh``
+    spans more than one node (:func:`node_of_this_rank`)."""
+    mine = [int(r) for r in mesh[ULYSSES].mesh.flatten().tolist()]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (node_of_this_rank(), mine))
+    node = {r: key for r, (key, _) in enumerate(gathered)}
+    for group in sorted({tuple(g) for _, g in gathered}):
+        if len({node[r] for r in group}) > 1:
+            raise ValueError(
+                f"the Ulysses group of ranks {list(group)} spans nodes "
+                f"{[node[r] for r in group]}: its all-to-alls would cross the slow link. "
+                f"Make a2a divide the ranks per node (LOCAL_WORLD_SIZE="
+                f"{os.environ.get('LOCAL_WORLD_SIZE', '?')}), or pass "
+                f"allow_cross_node_ulysses=True")
+
+
+def cp_mesh(hierarchical_context_parallel_sizes, *, device_type: str = "cpu", mesh=None,
+            allow_cross_node_ulysses: bool = False):
     """A 2-D ``DeviceMesh`` with axes ``("ring", "ulysses")`` of shape ``(p2p, a2a)``.
 
     Args:
@@ -52,10 +86,22 @@ def cp_mesh(hierarchical_context_parallel_sizes, *, device_type: str = "cpu", me
             - a mesh with a ``"cp"`` axis (e.g. ``("dp", "cp")``): that axis is split into
               ``("ring", "ulysses")`` and this rank's 2-D CP slice is returned.
 
+        allow_cross_node_ulysses: skip the node check (:func:`check_ulysses_within_nodes`),
+            which otherwise refuses a mesh whose Ulysses group spans two nodes.
+
     Creating a mesh is collective: every rank of the world must call this with the same
-    arguments. Every check happens before any collective, so bad input raises the same
-    ``ValueError`` on every rank instead of hanging.
+    arguments. The argument checks happen before any collective and the node check
+    decides on every rank's gathered view, so bad input raises the same ``ValueError`` on
+    every rank instead of hanging.
     """
+    made = _cp_mesh(hierarchical_context_parallel_sizes, device_type, mesh)
+    if not allow_cross_node_ulysses:
+        check_ulysses_within_nodes(made)
+    return made
+
+
+def _cp_mesh(hierarchical_context_parallel_sizes, device_type: str, mesh):
+    """:func:`cp_mesh` without the node check."""
     a2a, p2p = _check_sizes(hierarchical_context_parallel_sizes)
     if mesh is None:
         if not (dist.is_available() and dist.is_initialized()):

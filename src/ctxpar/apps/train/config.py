@@ -6,6 +6,9 @@ import argparse
 import dataclasses
 import os
 
+from ctxpar.apps.train.checkpoint import CheckpointConfig, checkpoint_config
+from ctxpar.apps.train.checkpoint import add_arguments as add_checkpoint_arguments
+
 __all__ = ["TrainConfig", "DTYPES", "add_arguments", "config_from_args", "length_multiple"]
 
 DTYPES = ("float32", "float64", "bfloat16")
@@ -43,6 +46,9 @@ class TrainConfig:
     fail_rank: int = -1
     fail_step: int = -1
     save_dir: str | None = None  # --out: rank 0 saves the trained model here (save_pretrained)
+    # Long runs (issue 15): seconds a collective waits for a silent rank, and checkpoints.
+    timeout: float = 600.0
+    ckpt: CheckpointConfig | None = None  # --checkpoint-dir and friends (apps.train.checkpoint)
 
     @property
     def attn_method(self) -> str:
@@ -90,8 +96,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write metrics.json, loss_curve.png and the trained model (Hugging Face "
                         "save_pretrained, with ctxpar_task.json; without --ttt) here: "
                         "`ctxpar generate --model DIR` loads it")
-    p.add_argument("--timeout", type=float, default=3600.0,
-                   help="seconds before a hung run is stopped")
+    p.add_argument("--timeout", type=float, default=d.timeout,
+                   help="seconds a rank waits in a collective for a silent peer (stopped, "
+                        "hung, dead) before the run fails naming it (default %(default)s)")
+    add_checkpoint_arguments(p)
     # Test-only: make one rank raise at one step.
     p.add_argument("--fail-rank", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--fail-step", type=int, default=-1, help=argparse.SUPPRESS)
@@ -182,8 +190,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     _check_shapes(args)
     if args.out:
         writable_dir(args.out, "train")
+    if not args.timeout > 0:
+        raise SystemExit(f"ctxpar train: --timeout must be > 0 seconds; got {args.timeout}")
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if hasattr(args, f.name)}
     return TrainConfig(**dict(given, hcp=tuple(args.hcp) if args.hcp else None,
                               ttt_layers=tuple(args.ttt_layers) if args.ttt_layers else None,
-                              save_dir=args.out or None))
+                              save_dir=args.out or None, ckpt=checkpoint_config(args)))

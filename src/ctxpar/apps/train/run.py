@@ -20,6 +20,7 @@ stops every rank with its traceback and a non-zero exit; so do Ctrl-C, SIGTERM a
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from ctxpar.apps.train.config import TrainConfig, add_arguments, config_from_args
@@ -34,9 +35,17 @@ def run(args: argparse.Namespace) -> int:
     from ctxpar.apps.train.worker import train_worker  # imports torch: not for --help
 
     cfg = config_from_args(args)
+    if cfg.ckpt is not None:
+        from ctxpar.apps.train.checkpoint import check_resume
+
+        start = check_resume(cfg)  # before any rank starts: a bad checkpoint costs nothing
+        if start and (not under_torchrun() or os.environ.get("RANK") == "0"):
+            print(f"ctxpar train: resuming from {cfg.ckpt.dir} at step {start}", flush=True)
     t0 = time.perf_counter()
+    # A silent rank is caught by the collectives' timeout (--timeout), not by a bound on
+    # the whole run, which may take days.
     results = run_command_job("train", train_worker, cfg, nproc=cfg.nproc, device=cfg.device,
-                              timeout=args.timeout, threads=1)
+                              timeout=float("inf"), collective_timeout=cfg.timeout, threads=1)
     if results is None:
         return 1
     metrics = results[0]

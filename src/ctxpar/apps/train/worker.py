@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ctxpar.apps.watch import hang_watch, watch_collectives
 from ctxpar.apps.train.config import TrainConfig, length_multiple
 
 __all__ = ["Rank", "setup", "equivalence_step", "train_loop", "evaluate", "train_worker",
@@ -215,26 +216,78 @@ def _train_step(r: Rank, opt: torch.optim.Optimizer, step: int) -> dict:
             "tokens": bs * n, "step_s": dt, "tokens_per_s": bs * n / dt}
 
 
-def train_loop(r: Rank) -> dict[str, list]:
-    """``cfg.steps`` AdamW steps; returns the history: one list per field of a step's row."""
+def train_loop(r: Rank, watch=None) -> dict[str, list]:
+    """``cfg.steps`` AdamW steps; returns the history: one list per field of a step's row.
+    With ``cfg.ckpt``, resumes from the latest checkpoint and saves on the way. ``watch``:
+    a :class:`ctxpar.apps.watch.HangWatch` (made here if None)."""
     cfg = r.cfg
     opt = torch.optim.AdamW(r.params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     progress = _Progress(cfg.steps, cfg.progress and r.rank == 0)
     hist: dict[str, list] = {k: [] for k in ("loss", "acc", "seq_len", "tokens", "step_s",
                                              "tokens_per_s")}
+    watch = watch or hang_watch(cfg.timeout)  # collective: every rank
+    start = _resume(r, opt, hist, watch)
     try:
-        for step in range(cfg.steps):
+        for step in range(start, cfg.steps):
             if step == cfg.fail_step and r.rank == cfg.fail_rank:
                 raise RuntimeError(f"injected failure on rank {r.rank} at step {step} "
                                    f"(--fail-rank/--fail-step)")
-            row = _train_step(r, opt, step)
+            _kill_switch(r, step)
+            with watch_collectives(f"training step {step}", watch):
+                row = _train_step(r, opt, step)
             for k, v in row.items():
                 hist[k].append(v)
             progress.update(step, loss=row["loss"], acc=row["acc"], len=row["seq_len"],
                             tok_s=int(row["tokens_per_s"]))
+            _maybe_save(r, opt, step + 1, hist, watch)
     finally:
         progress.close()
     return hist
+
+
+# ------------------------------------------------------------------- long runs (issue 15)
+
+
+def _resume(r: Rank, opt: torch.optim.Optimizer, hist: dict, watch) -> int:
+    """With ``--checkpoint-dir``: clear interrupted saves, load the latest checkpoint if
+    any (model, optimizer, RNG, schedule, history into ``hist``); returns the first step."""
+    from ctxpar.apps.train import checkpoint
+
+    ck = r.cfg.ckpt
+    if ck is None:
+        return 0
+    path = checkpoint.latest(ck.dir)  # read before prepare() (which only removes .tmp-*)
+    checkpoint.prepare(ck, r.rank)
+    if path is None:
+        return 0
+    with watch_collectives(f"loading checkpoint {path}", watch):
+        start, saved = checkpoint.restore(r, opt, path)
+    for k in hist:
+        hist[k].extend(saved.get(k, []))
+    return start
+
+
+def _maybe_save(r: Rank, opt: torch.optim.Optimizer, done: int, hist: dict, watch) -> None:
+    """Save after ``done`` steps every ``--save-every`` steps and after the last one."""
+    from ctxpar.apps.train import checkpoint
+
+    ck = r.cfg.ckpt
+    if ck is None or not (done == r.cfg.steps or (ck.save_every and done % ck.save_every == 0)):
+        return
+    with watch_collectives(f"checkpoint save after step {done - 1}", watch):
+        checkpoint.save(r, opt, done, hist)
+
+
+def _kill_switch(r: Rank, step: int) -> None:
+    """Test-only (``--kill-rank/--kill-step``): SIGKILL this rank at ``step`` on the first
+    attempt: torchrun counts its restarts in TORCHELASTIC_RESTART_COUNT, so the restarted
+    group runs through."""
+    import signal
+
+    ck = r.cfg.ckpt
+    if (ck is not None and step == ck.kill_step and r.rank == ck.kill_rank
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------- evaluation
@@ -302,9 +355,13 @@ def save_model(r: Rank) -> str:
 def train_worker(cfg: TrainConfig) -> dict | None:
     """Runs on every rank; returns the metrics dict on rank 0 and None elsewhere."""
     r = setup(cfg)
-    step = equivalence_step(r)
-    hist = train_loop(r)
-    recall = evaluate(r)
+    watch = hang_watch(cfg.timeout)  # collective: every rank
+    with watch_collectives("the equivalence step (forward/backward at full length)", watch):
+        step = equivalence_step(r)
+    hist = train_loop(r, watch)
+    with watch_collectives("the held-out evaluation", watch):
+        recall = evaluate(r)
+    watch.close()
     if r.rank != 0:
         return None
     t = r.task
