@@ -42,6 +42,7 @@ the gradients of the replicas (in fp32). Bytes each rank sends (= receives) per 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -216,11 +217,14 @@ class _LocalAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
-def _global_view(spec: ShardSpec, n: int, device):
+@functools.lru_cache(maxsize=128)
+def _global_view(spec: ShardSpec, n: int, device: torch.device):
     """For the concatenation of every rank's tokens (the gathered order): the global
     position of each token (None if already in order), the permutation to global order
     (None likewise) and the whole sequence in global order as segments, one per run of a
-    document (its number: 0 plain, 1.. packed documents, -1 padding)."""
+    document (its number: 0 plain, 1.. packed documents, -1 padding). Built on the host
+    from the spec and cached per (spec, N, device): a call reads no device value and
+    copies nothing to the device."""
     positions = torch.cat([spec.share_positions(r) for r in range(n)])
     in_order = bool(torch.equal(positions, torch.arange(positions.numel())))
     order = None if in_order else torch.argsort(positions)
