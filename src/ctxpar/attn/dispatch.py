@@ -15,6 +15,7 @@ communicate:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -27,7 +28,7 @@ from ctxpar.attn.ring import ring_attention
 from ctxpar.attn.tiles import spec_ring_steps
 from ctxpar.attn.ulysses import check_heads, kv_replication, ulysses_attention
 from ctxpar.dist.agreement import VERIFIED, check_consistent_args, check_mode
-from ctxpar.dist.topology import CPTopology, resolve
+from ctxpar.dist.topology import CPTopology, is_mesh, resolve
 from ctxpar.numerics import acc_dtype
 from ctxpar.sequence.layouts import get_layout
 from ctxpar.sequence.spec import ShardSpec, parse_cu_seqlens
@@ -222,7 +223,9 @@ def _prepare(cfg: AttentionConfig, q, k, v, group, scale, return_lse: bool, cu_s
     then the method."""
     check_qkv(q, k, v)
     mode = check_mode(check_args)
-    topo = resolve(group)  # no communication; a mesh without the axes raises here
+    # No communication; a mesh without the axes raises here. A DeviceMesh is resolved once
+    # (slicing it by axis reads its rank tensor on the host, every call otherwise).
+    topo = _resolve_mesh(group) if is_mesh(group) else resolve(group)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     # Boundaries as host ints, read once per tensor (the checksum and the spec share them);
     # a malformed cu_seqlens is checked after the agreement, like the other lengths.
@@ -243,6 +246,11 @@ def _prepare(cfg: AttentionConfig, q, k, v, group, scale, return_lse: bool, cu_s
     spec = ShardSpec.make(get_layout(cfg.layout), topo, q.shape[1], docs)
     method = _check_method(cfg, topo, q.shape[2], k.shape[2], spec)
     return method, topo, spec, AttnOptions(cfg.causal, cfg.window, scale, cfg.backend, return_lse)
+
+
+@functools.lru_cache(maxsize=16)
+def _resolve_mesh(mesh) -> CPTopology:
+    return resolve(mesh)
 
 
 _METHODS = {"ring": ring_attention, "allgather": allgather_attention,
