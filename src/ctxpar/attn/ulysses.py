@@ -47,14 +47,16 @@ import math
 
 import torch
 
-from ctxpar.attn.kernels import refuse_double_backward, saved_block_state, sub_tile_rows
+from ctxpar.attn.kernels import (block_backward, block_forward, refuse_double_backward,
+                                 saved_block_state, sub_tile_rows)
 from ctxpar.attn.merge import OutputAccumulator
 from ctxpar.attn.options import AttnOptions
-from ctxpar.attn.tiled import backward_tiles, forward_tiles
+from ctxpar.attn.tiled import backward_tiles, forward_tiles, whole_tile
 from ctxpar.attn.tiles import Tile, plan_segments
 from ctxpar.dist import collectives as comms
 from ctxpar.dist.topology import CPGroup, CPTopology
 from ctxpar.numerics import acc_dtype
+from ctxpar.observe.counters import record_compute
 from ctxpar.sequence.layouts import Segment
 from ctxpar.sequence.spec import ShardSpec
 
@@ -193,26 +195,38 @@ def head_to_seq(y, lse, grp: CPGroup, *, positions=None, order=None):
 
 
 class _LocalAttention(torch.autograd.Function):
-    """Attention of one rank's full-sequence head shard under a tile plan (global order)."""
+    """Attention of one rank's full-sequence head shard under a tile plan (global order).
+    A plan of one whole tile (plain sequences) calls the kernels directly
+    (:func:`~ctxpar.attn.tiled.whole_tile`); the values are the same either way."""
 
     @staticmethod
     def forward(ctx, q, k, v, tiles: list[Tile], scale: float, backend: str):
-        acc = OutputAccumulator(q, v.shape[-1])
-        forward_tiles(acc, q, k, v, tiles, scale=scale, backend=backend)
-        out, lse = acc.result()
+        whole = whole_tile(tiles, q.shape[1], k.shape[1])
+        if whole is not None:
+            record_compute("block_fwd", whole.score_elements)
+            out, lse = block_forward(q, k, v, band=whole.band, scale=scale, backend=backend)
+        else:
+            acc = OutputAccumulator(q, v.shape[-1])
+            forward_tiles(acc, q, k, v, tiles, scale=scale, backend=backend)
+            out, lse = acc.result()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.tiles, ctx.scale, ctx.backend = tiles, scale, backend
+        ctx.tiles, ctx.whole, ctx.scale, ctx.backend = tiles, whole, scale, backend
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         dout, q, k, v, out, lse = saved_block_state(ctx, dout)
-        cdt = acc_dtype(q.dtype)
-        grads = [torch.zeros(t.shape, dtype=cdt, device=q.device) for t in (q, k, v)]
-        backward_tiles(grads, dout, q, k, v, out, lse, ctx.tiles, scale=ctx.scale,
-                       backend=ctx.backend, upcast=False)
+        if ctx.whole is not None:
+            record_compute("block_bwd", ctx.whole.score_elements)
+            grads = block_backward(dout, q, k, v, out, lse, band=ctx.whole.band, scale=ctx.scale,
+                                   backend=ctx.backend, upcast=False)
+        else:
+            cdt = acc_dtype(q.dtype)
+            grads = [torch.zeros(t.shape, dtype=cdt, device=q.device) for t in (q, k, v)]
+            backward_tiles(grads, dout, q, k, v, out, lse, ctx.tiles, scale=ctx.scale,
+                           backend=ctx.backend, upcast=False)
         dq, dk, dv = grads
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
