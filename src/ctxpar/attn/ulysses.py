@@ -231,7 +231,9 @@ class _LocalAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
-@functools.lru_cache(maxsize=128)
+# Small: an entry holds two int64 [S] tensors on the device (packed batches make one per
+# batch), 16 of them are 34 MB at S = 128k.
+@functools.lru_cache(maxsize=16)
 def _global_view(spec: ShardSpec, n: int, device: torch.device):
     """For the concatenation of every rank's tokens (the gathered order): the global
     position of each token (None if already in order), the permutation to global order

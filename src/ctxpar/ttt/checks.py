@@ -74,7 +74,8 @@ def positions_error(cfg, topo: CPTopology, local_len: int, cu_seqlens, position_
     if expected is None:
         return None
     ids = torch.as_tensor(position_ids)
-    if _positions_fit(ids, expected, (cfg.layout, topo.rank, topo.size, local_len)):
+    key = (cfg.layout, topo.rank, topo.size, local_len, _cu_code(cu_seqlens))
+    if _positions_fit(ids, expected, key):
         return None
     kind = "positions within each document" if cu_seqlens is not None else "global positions"
     return ValueError(
