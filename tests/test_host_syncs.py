@@ -158,6 +158,30 @@ def test_a_new_signature_is_checked_again(run_ranks):
     assert all("scale (bits) differs" in t for t in info.value.failures.values())
 
 
+def _one_rank_changes_alone():
+    """The ranks agree twice, then rank 1 alone changes the scale: with check_args="always"
+    every call is checked, so every rank raises instead of hanging."""
+    rank = torch.distributed.get_rank()
+    q = torch.zeros(1, 8, 2, 8)
+    for call in range(3):
+        scale = 0.5 if call == 2 and rank == 1 else 0.25
+        ctxpar.attention(q, q, q, causal=True, scale=scale, check_args="always")
+
+
+def test_always_catches_one_rank_changing_alone(run_ranks):
+    from ctxpar.apps.launch import RankError
+    with pytest.raises(RankError) as info:
+        run_ranks(2, _one_rank_changes_alone, timeout=60)
+    assert sorted(info.value.failures) == [0, 1]
+    assert all("scale (bits) differs on rank(s)" in t for t in info.value.failures.values())
+
+
+def test_check_args_values():
+    q = torch.zeros(1, 8, 2, 8)
+    with pytest.raises(ValueError, match="check_args must be True, False, 'once' or 'always'; got 'sometimes'"):
+        ctxpar.attention(q, q, q, check_args="sometimes")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="requires cuda")
 def test_cuda_forward_backward_does_not_sync():
     q, k, v, dout = (t.cuda() for t in make_qkv(0, 1, 256, 4, 2, 64, torch.bfloat16))
