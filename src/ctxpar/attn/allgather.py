@@ -26,6 +26,8 @@ forward ``(N-1)·2·B·Sl·Hkv·D·e`` (one all-gather); backward ``(N-1)·2·B�
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ctxpar.attn.kernels import refuse_double_backward, sub_tile_rows
@@ -41,24 +43,26 @@ from ctxpar.sequence.spec import ShardSpec
 __all__ = ["allgather_attention"]
 
 
-def _plans(grp: CPGroup, spec: ShardSpec, causal: bool, window, sub: int):
-    """``[(src, tiles)]`` for every source rank with work, this rank's own block first."""
-    order = [grp.rank] + [s for s in range(grp.size) if s != grp.rank]
+@functools.lru_cache(maxsize=256)
+def _plans(spec: ShardSpec, rank: int, size: int, causal: bool, window, sub: int):
+    """``((src, tiles), ...)`` for every source rank with work, this rank's own block
+    first; cached per (spec, rank, mask, sub-tile size), so a call plans nothing."""
+    order = [rank] + [s for s in range(size) if s != rank]
     plans = []
-    mine = spec.share(grp.rank)
+    mine = spec.share(rank)
     for src in order:
         tiles = plan_segments(mine, spec.share(src), causal=causal, window=window,
-                              diagonal=src == grp.rank, sub=sub)
+                              diagonal=src == rank, sub=sub)
         if tiles:
             plans.append((src, tiles))
-    return plans
+    return tuple(plans)
 
 
 class _AllGatherAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, grp: CPGroup, spec: ShardSpec, causal: bool, window, scale: float,
                 backend: str):
-        plans = _plans(grp, spec, causal, window, sub_tile_rows(q.device))
+        plans = _plans(spec, grp.rank, grp.size, causal, tuple(window), sub_tile_rows(q.device))
         local = torch.stack([k, v])  # [2, B, Sl, Hkv, D]: one collective for K and V
         gathered, work = comms.all_gather(grp, local, async_op=True)  # [N, 2, B, Sl, Hkv, D]
         acc = OutputAccumulator(q, v.shape[-1])

@@ -15,6 +15,7 @@ communicate:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -24,13 +25,13 @@ from ctxpar.attn.hybrid import hybrid_attention
 from ctxpar.attn.kernels import BACKENDS
 from ctxpar.attn.options import AttnOptions
 from ctxpar.attn.ring import ring_attention
-from ctxpar.attn.tiles import ring_steps
+from ctxpar.attn.tiles import spec_ring_steps
 from ctxpar.attn.ulysses import check_heads, kv_replication, ulysses_attention
-from ctxpar.dist.agreement import check_consistent_args
-from ctxpar.dist.topology import CPTopology, resolve
+from ctxpar.dist.agreement import VERIFIED, check_consistent_args, check_mode
+from ctxpar.dist.topology import CPTopology, is_mesh, resolve
 from ctxpar.numerics import acc_dtype
 from ctxpar.sequence.layouts import get_layout
-from ctxpar.sequence.spec import ShardSpec
+from ctxpar.sequence.spec import ShardSpec, parse_cu_seqlens
 
 __all__ = ["attention", "AttentionConfig", "METHODS", "choose_method"]
 
@@ -135,7 +136,7 @@ def choose_method(topo: CPTopology, hq: int, hkv: int, *, spec: ShardSpec | None
         return "ring"
     steps = n
     if spec is not None and window != (-1, -1):
-        steps = ring_steps(spec.share, n, causal=causal, window=window)
+        steps = spec_ring_steps(spec, n, causal, tuple(window))
     if steps == 2 < n:
         return "ring"
     if hq % n == 0 and hq + hkv * kv_replication(hkv, n) <= n * hkv:
@@ -149,7 +150,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
               method: str = "ring", layout: str = "zigzag", causal: bool = False,
               scale: float | None = None, window: tuple[int, int] = (-1, -1),
               return_lse: bool = False, backend: str = "auto", cu_seqlens=None,
-              check_args: bool = True):
+              check_args: bool | str = True):
     """Exact softmax attention over a sequence sharded across the CP group.
 
     Args:
@@ -179,11 +180,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
         cu_seqlens: packed documents: the *original* global int32 boundaries
             ``[0, e1, ..., S]``; the shards must come from ``ctxpar.shard_packed`` (or
             ``ctxpar.pad_for_cp``). Attention never crosses a document, never sees padding.
+            Host boundaries (a list, tuple or CPU tensor) cost no device read; a device
+            tensor is copied to the host once per tensor (``ctxpar.sequence.spec``).
             On a mesh the packed order is that of the ring axis, split contiguously within
             the Ulysses group (as for plain layouts).
         check_args: compare the arguments that must agree across ranks (one small
-            all-gather, see ``ctxpar.dist.agreement``; four tiny ones on a mesh); pass False to
-            skip it for speed.
+            all-gather, see ``ctxpar.dist.agreement``; four tiny ones on a mesh). True (or
+            ``"once"``): once per distinct signature and group, later calls with a known
+            signature skip it (no collective, no host-device synchronisation; see the
+            agreement module for what a rank changing its arguments alone then does);
+            ``"always"``: every call; False: never.
 
     Returns:
         ``out`` ``[B, S_local, Hq, D]`` in q's dtype, or ``(out, lse)`` with ``lse``
@@ -209,24 +215,42 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
 
 
 def _prepare(cfg: AttentionConfig, q, k, v, group, scale, return_lse: bool, cu_seqlens,
-             check_args: bool) -> tuple[str, CPTopology, ShardSpec, AttnOptions]:
+             check_args) -> tuple[str, CPTopology, ShardSpec, AttnOptions]:
     """Every check of one call, once: local shapes, then (before any method-specific check,
     so that a rank whose arguments differ fails together with its peers instead of alone,
     which would hang them) the cross-rank agreement, the scale, the lengths against the
     layout and topology (building the shard spec, which ``"auto"`` reads for windows),
     then the method."""
     check_qkv(q, k, v)
-    topo = resolve(group)  # no communication; a mesh without the axes raises here
+    mode = check_mode(check_args)
+    # No communication; a mesh without the axes raises here. A DeviceMesh is resolved once
+    # (slicing it by axis reads its rank tensor on the host, every call otherwise).
+    topo = _resolve_mesh(group) if is_mesh(group) else resolve(group)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if check_args:
+    # Boundaries as host ints, read once per tensor (the checksum and the spec share them);
+    # a malformed cu_seqlens is checked after the agreement, like the other lengths.
+    try:
+        docs, bad_docs = (None if cu_seqlens is None else parse_cu_seqlens(cu_seqlens)), None
+    except ValueError as e:
+        docs, bad_docs = None, e
+    if mode is not None:
         check_consistent_args(topo, q, k, causal=cfg.causal, window=cfg.window,
                               layout=cfg.layout, method=cfg.method, scale=scale,
-                              backend=cfg.backend, return_lse=return_lse, cu_seqlens=cu_seqlens)
+                              backend=cfg.backend, return_lse=return_lse,
+                              cu_seqlens=cu_seqlens if bad_docs is not None else docs,
+                              verified=VERIFIED if mode == "once" else None)
+    if bad_docs is not None:
+        raise bad_docs
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite; got {scale}")
-    spec = ShardSpec.make(get_layout(cfg.layout), topo, q.shape[1], cu_seqlens)
+    spec = ShardSpec.make(get_layout(cfg.layout), topo, q.shape[1], docs)
     method = _check_method(cfg, topo, q.shape[2], k.shape[2], spec)
     return method, topo, spec, AttnOptions(cfg.causal, cfg.window, scale, cfg.backend, return_lse)
+
+
+@functools.lru_cache(maxsize=16)
+def _resolve_mesh(mesh) -> CPTopology:
+    return resolve(mesh)
 
 
 _METHODS = {"ring": ring_attention, "allgather": allgather_attention,

@@ -102,8 +102,23 @@ def _additive(vis: torch.Tensor, dtype) -> torch.Tensor:
     return torch.zeros(vis.shape, dtype=dtype, device=vis.device).masked_fill_(~vis, _NEG_INF)
 
 
-def _dense_masks(vis: torch.Tensor, dtype):
-    return vis, _additive(vis, dtype), bool(vis.any(-1).all())  # [Sq, Sk] or per row [B, Sq, Sk]
+def _band_every_row(band: Band, lq: int, lk: int) -> bool:
+    """Whether every row of an ``[lq, lk]`` tile sees a key under ``band``, from the band's
+    bounds (host ints: no device read). Row i sees keys ``max(0, i - hi) .. min(lk - 1,
+    i - lo)``: non-empty for every i in ``[0, lq)`` iff ``lo <= 0`` (row 0),
+    ``lq - 1 - hi <= lk - 1`` (the last row) and ``lo <= hi``."""
+    if lq == 0:
+        return True
+    lo = -(lk - 1) if band.lo is None else band.lo
+    hi = lq - 1 if band.hi is None else band.hi
+    return lk > 0 and lo <= 0 and lo <= hi and lq - 1 - hi <= lk - 1
+
+
+def _dense_masks(vis: torch.Tensor, dtype, every_row: bool = False):
+    """``(vis, additive bias, every_row)``; ``every_row`` False (the default for a mask
+    read from the caller: telling would need a device read) makes the fused path zero the
+    rows without a key, which is correct either way."""
+    return vis, _additive(vis, dtype), every_row  # [Sq, Sk] or per row [B, Sq, Sk]
 
 
 # Sub-tiles of a window repeat a handful of (band, shape) pairs thousands of times per call:
@@ -111,7 +126,8 @@ def _dense_masks(vis: torch.Tensor, dtype):
 # in fp32 with the boolean one), so the cache stays small; the tensors are only ever read.
 _CACHED_MASK_ELEMENTS = 1 << 19
 _band_masks = functools.lru_cache(maxsize=32)(
-    lambda band, lq, lk, device, dtype: _dense_masks(band.dense(lq, lk, device), dtype))
+    lambda band, lq, lk, device, dtype: _dense_masks(band.dense(lq, lk, device), dtype,
+                                                     _band_every_row(band, lq, lk)))
 
 
 def _masks(band: Band, mask: torch.Tensor | None, lq: int, lk: int, q: torch.Tensor):
@@ -124,7 +140,9 @@ def _masks(band: Band, mask: torch.Tensor | None, lq: int, lk: int, q: torch.Ten
     if band.is_full:
         return _dense_masks(mask, q.dtype)
     vis = band.dense(lq, lk, q.device)
-    return _dense_masks(vis if mask is None else mask & vis, q.dtype)
+    if mask is None:
+        return _dense_masks(vis, q.dtype, _band_every_row(band, lq, lk))
+    return _dense_masks(mask & vis, q.dtype)
 
 
 def _causal_shift(band: Band) -> int | None:

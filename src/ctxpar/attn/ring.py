@@ -17,13 +17,15 @@ the block's owner (N hops in all when every step is needed).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ctxpar.attn.kernels import saved_block_state, sub_tile_rows
 from ctxpar.attn.merge import OutputAccumulator
 from ctxpar.attn.options import AttnOptions
 from ctxpar.attn.tiled import backward_tiles, forward_tiles
-from ctxpar.attn.tiles import plan_segments, ring_steps
+from ctxpar.attn.tiles import plan_segments, spec_ring_steps
 from ctxpar.dist import collectives as comms
 from ctxpar.dist.topology import CPGroup, CPTopology
 from ctxpar.numerics import acc_dtype
@@ -35,14 +37,17 @@ __all__ = ["ring_attention"]
 _DKV_TAG = 1  # dK/dV partial sums and K/V blocks can be in flight between one pair at once
 
 
-def _plan(grp: CPGroup, spec: ShardSpec, causal: bool, window, sub: int):
+@functools.lru_cache(maxsize=256)
+def _plan(spec: ShardSpec, rank: int, size: int, causal: bool, window, sub: int):
+    """``(steps, tiles of every step)`` for ring rank ``rank`` of ``size``, cached per
+    (spec, rank, mask, sub-tile size): planning runs once per shape, a call costs one
+    lookup (specs are interned, so the key hashes and compares cheaply)."""
     # Over the ring axis each rank holds its ring share (on a mesh: after the Ulysses
     # all-to-all, the whole Ulysses group's tokens).
-    steps = ring_steps(spec.share, grp.size, causal=causal, window=window)
-    r = grp.rank
-    plans = [plan_segments(spec.share(r), spec.share((r - s) % grp.size), causal=causal,
-                           window=window, diagonal=s == 0, sub=sub)
-             for s in range(steps)]
+    steps = spec_ring_steps(spec, size, causal, window)
+    plans = tuple(plan_segments(spec.share(rank), spec.share((rank - s) % size), causal=causal,
+                                window=window, diagonal=s == 0, sub=sub)
+                  for s in range(steps))
     return steps, plans
 
 
@@ -50,7 +55,8 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, grp: CPGroup, spec: ShardSpec, causal: bool, window, scale: float,
                 backend: str):
-        steps, plans = _plan(grp, spec, causal, window, sub_tile_rows(q.device))
+        steps, plans = _plan(spec, grp.rank, grp.size, causal, tuple(window),
+                             sub_tile_rows(q.device))
         acc = OutputAccumulator(q, v.shape[-1])
         # Double buffer: compute on `cur` while `nxt` is being received.
         cur = torch.stack([k, v])  # k and v have one shape (checked by ctxpar.attention)

@@ -14,7 +14,19 @@ from ctxpar.attn.merge import OutputAccumulator
 from ctxpar.attn.tiles import Tile
 from ctxpar.observe.counters import record_compute
 
-__all__ = ["forward_tiles", "backward_tiles"]
+__all__ = ["forward_tiles", "backward_tiles", "whole_tile"]
+
+
+def whole_tile(tiles: list[Tile], lq: int, lk: int) -> Tile | None:
+    """The plan's one tile when it covers all ``lq`` query rows and ``lk`` keys (a plain
+    sequence: full or causal), else None. Its kernel result *is* the output and its
+    kernel gradients *are* the gradients: no accumulator to copy into, no zeroed
+    gradient buffers to add into (one pass over out and three over dq/dk/dv saved)."""
+    if len(tiles) == 1:
+        t = tiles[0]
+        if (t.q0, t.q1, t.k0, t.k1) == (0, lq, 0, lk):
+            return t
+    return None
 
 
 def forward_tiles(acc: OutputAccumulator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -32,7 +32,7 @@ import torch
 from ctxpar.sequence.layouts import Segment, get_layout
 
 __all__ = ["Band", "Tile", "plan_tiles", "plan_segments", "segment_band", "split_band",
-           "ring_steps"]
+           "ring_steps", "spec_ring_steps"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,10 +225,22 @@ def plan_segments(qsegs: tuple, ksegs: tuple, *, causal: bool,
 def ring_steps(segments_of, world: int, *, causal: bool, window: tuple[int, int] = (-1, -1)) -> int:
     """How many ring steps are needed: 1 + the farthest hop at which any rank still has a
     tile to compute. Equal to ``world`` unless a window keeps every rank's reach short.
-    ``segments_of(rank)`` gives a rank's segments (a tuple)."""
+    ``segments_of(rank)`` gives a rank's segments (a tuple).
+
+    Ranks are tried last first and the search of a step stops at the first rank with work:
+    under causal masking the last ranks hold the latest tokens in every layout, so without
+    a window each step costs one plan, O(N) in all; a window that empties far steps for
+    every rank costs O(N²) plans, once per spec (:func:`spec_ring_steps` caches it)."""
     steps = 1
     for s in range(1, world):
         if any(plan_segments(segments_of(r), segments_of((r - s) % world), causal=causal,
-                             window=window) for r in range(world)):
+                             window=window) for r in reversed(range(world))):
             steps = s + 1
     return steps
+
+
+@functools.lru_cache(maxsize=256)
+def spec_ring_steps(spec, world: int, causal: bool, window: tuple[int, int]) -> int:
+    """:func:`ring_steps` over the ring shares of ``spec`` (a ``ShardSpec``), cached per
+    (spec, world, mask): the per-call cost is one dictionary lookup."""
+    return ring_steps(spec.share, world, causal=causal, window=window)

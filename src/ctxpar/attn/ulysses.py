@@ -42,18 +42,21 @@ the gradients of the replicas (in fp32). Bytes each rank sends (= receives) per 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
-from ctxpar.attn.kernels import refuse_double_backward, saved_block_state, sub_tile_rows
+from ctxpar.attn.kernels import (block_backward, block_forward, refuse_double_backward,
+                                 saved_block_state, sub_tile_rows)
 from ctxpar.attn.merge import OutputAccumulator
 from ctxpar.attn.options import AttnOptions
-from ctxpar.attn.tiled import backward_tiles, forward_tiles
+from ctxpar.attn.tiled import backward_tiles, forward_tiles, whole_tile
 from ctxpar.attn.tiles import Tile, plan_segments
 from ctxpar.dist import collectives as comms
 from ctxpar.dist.topology import CPGroup, CPTopology
 from ctxpar.numerics import acc_dtype
+from ctxpar.observe.counters import record_compute
 from ctxpar.sequence.layouts import Segment
 from ctxpar.sequence.spec import ShardSpec
 
@@ -192,35 +195,52 @@ def head_to_seq(y, lse, grp: CPGroup, *, positions=None, order=None):
 
 
 class _LocalAttention(torch.autograd.Function):
-    """Attention of one rank's full-sequence head shard under a tile plan (global order)."""
+    """Attention of one rank's full-sequence head shard under a tile plan (global order).
+    A plan of one whole tile (plain sequences) calls the kernels directly
+    (:func:`~ctxpar.attn.tiled.whole_tile`); the values are the same either way."""
 
     @staticmethod
     def forward(ctx, q, k, v, tiles: list[Tile], scale: float, backend: str):
-        acc = OutputAccumulator(q, v.shape[-1])
-        forward_tiles(acc, q, k, v, tiles, scale=scale, backend=backend)
-        out, lse = acc.result()
+        whole = whole_tile(tiles, q.shape[1], k.shape[1])
+        if whole is not None:
+            record_compute("block_fwd", whole.score_elements)
+            out, lse = block_forward(q, k, v, band=whole.band, scale=scale, backend=backend)
+        else:
+            acc = OutputAccumulator(q, v.shape[-1])
+            forward_tiles(acc, q, k, v, tiles, scale=scale, backend=backend)
+            out, lse = acc.result()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.tiles, ctx.scale, ctx.backend = tiles, scale, backend
+        ctx.tiles, ctx.whole, ctx.scale, ctx.backend = tiles, whole, scale, backend
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         dout, q, k, v, out, lse = saved_block_state(ctx, dout)
-        cdt = acc_dtype(q.dtype)
-        grads = [torch.zeros(t.shape, dtype=cdt, device=q.device) for t in (q, k, v)]
-        backward_tiles(grads, dout, q, k, v, out, lse, ctx.tiles, scale=ctx.scale,
-                       backend=ctx.backend, upcast=False)
+        if ctx.whole is not None:
+            record_compute("block_bwd", ctx.whole.score_elements)
+            grads = block_backward(dout, q, k, v, out, lse, band=ctx.whole.band, scale=ctx.scale,
+                                   backend=ctx.backend, upcast=False)
+        else:
+            cdt = acc_dtype(q.dtype)
+            grads = [torch.zeros(t.shape, dtype=cdt, device=q.device) for t in (q, k, v)]
+            backward_tiles(grads, dout, q, k, v, out, lse, ctx.tiles, scale=ctx.scale,
+                           backend=ctx.backend, upcast=False)
         dq, dk, dv = grads
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
-def _global_view(spec: ShardSpec, n: int, device):
+# Small: an entry holds two int64 [S] tensors on the device (packed batches make one per
+# batch), 16 of them are 34 MB at S = 128k.
+@functools.lru_cache(maxsize=16)
+def _global_view(spec: ShardSpec, n: int, device: torch.device):
     """For the concatenation of every rank's tokens (the gathered order): the global
     position of each token (None if already in order), the permutation to global order
     (None likewise) and the whole sequence in global order as segments, one per run of a
-    document (its number: 0 plain, 1.. packed documents, -1 padding)."""
+    document (its number: 0 plain, 1.. packed documents, -1 padding). Built on the host
+    from the spec and cached per (spec, N, device): a call reads no device value and
+    copies nothing to the device."""
     positions = torch.cat([spec.share_positions(r) for r in range(n)])
     in_order = bool(torch.equal(positions, torch.arange(positions.numel())))
     order = None if in_order else torch.argsort(positions)

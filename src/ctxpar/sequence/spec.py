@@ -22,11 +22,23 @@ each document at its end to a multiple of its granularity times a2a and splits *
 document* over the ring ranks (TransformerEngine's THD scheme); the others keep documents
 in place and pad the packed sequence at its end. Segments carry their document (numbered
 from 1; padding is -1).
+
+**Boundaries on the host.** Planning needs the document boundaries as Python ints. A
+``cu_seqlens`` given as a list/tuple or a CPU tensor is read without touching a device;
+a device tensor must be copied to the host once (a synchronisation on CUDA), so
+:func:`parse_cu_seqlens` remembers the parse of the last few tensors (by identity and
+version counter: an in-place edit is parsed again) and every layer of a model that
+passes the same batch's tensor pays that copy once per batch, not once per layer. Passing
+host boundaries (e.g. the ``cu_seqlens`` list ``ctxpar.shard_packed`` was given) avoids it.
+Specs are interned (:meth:`ShardSpec.make` returns the same object for the same
+arguments), so the plans keyed on them are found again without rebuilding anything.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import weakref
 
 import torch
 
@@ -45,10 +57,29 @@ def cp_multiple(layout: str | Layout, p2p: int, a2a: int = 1) -> int:
     return get_layout(layout).granularity(p2p) * a2a
 
 
+# id(tensor) -> (weakref to it, its version counter, parsed boundaries); bounded LRU.
+_PARSED: collections.OrderedDict = collections.OrderedDict()
+_PARSED_MAX = 64
+
+
 def parse_cu_seqlens(cu_seqlens) -> tuple[int, ...]:
     """Document boundaries as a tuple of ints, checked: integers, starting at 0, strictly
-    increasing (no empty documents)."""
-    values = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
+    increasing (no empty documents). A tensor's parse is remembered (see the module
+    docstring): the device-to-host copy happens once per tensor, not once per call."""
+    if not torch.is_tensor(cu_seqlens):
+        return _parse(list(cu_seqlens))
+    hit = _PARSED.get(id(cu_seqlens))
+    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
+        _PARSED.move_to_end(id(cu_seqlens))
+        return hit[2]
+    cu = _parse(cu_seqlens.tolist())
+    _PARSED[id(cu_seqlens)] = (weakref.ref(cu_seqlens), cu_seqlens._version, cu)
+    while len(_PARSED) > _PARSED_MAX:
+        _PARSED.popitem(last=False)
+    return cu
+
+
+def _parse(values: list) -> tuple[int, ...]:
     if any(isinstance(x, bool) or int(x) != x for x in values):
         raise ValueError(f"cu_seqlens must hold integer token boundaries; got {values[:16]}")
     cu = tuple(int(x) for x in values)
@@ -103,7 +134,8 @@ class ShardSpec:
         """The spec of shards of ``local_len`` tokens on ``topo`` (a
         :class:`~ctxpar.dist.topology.CPTopology`)."""
         docs = None if cu_seqlens is None else parse_cu_seqlens(cu_seqlens)
-        return cls(layout, topo.ring.size, topo.ulysses.size, local_len * topo.size, docs)
+        return _interned(cls, get_layout(layout), topo.ring.size, topo.ulysses.size,
+                         local_len * topo.size, docs)
 
     @classmethod
     def packed(cls, layout, topo, cu_seqlens) -> "ShardSpec":
@@ -210,6 +242,14 @@ class ShardSpec:
                 src.append(pos - start + self.docs[s.doc - 1])
                 within.append(pos - start)
         return torch.cat(src), torch.cat(within)
+
+
+@functools.lru_cache(maxsize=256)
+def _interned(cls, layout: Layout, p2p: int, a2a: int, seq_len: int, docs) -> ShardSpec:
+    # One object per distinct spec: the per-call caches keyed on a spec (its shares, the
+    # methods' plans) then hash and compare it by identity first. An invalid spec raises
+    # and is not cached.
+    return cls(layout, p2p, a2a, seq_len, docs)
 
 
 def _split(seg: Segment, bounds: list[tuple[int, int, int]]) -> list[Segment]:

@@ -24,17 +24,26 @@ the one the input was sharded with cannot tell from ``x`` alone. What gives it a
   every layout is then the identity);
 - packed documents: a shard of ``shard_packed`` under another layout often has another
   length (zigzag pads each document), which the plan rejects.
+
+No host-device synchronisation per call: the agreement runs once per distinct signature
+and group, per layer (``ctxpar.dist.agreement``, the trade-off is stated there); η, a learned value
+that changes every step, is compared whenever the check runs but is not part of the
+signature (reading it is a device read). Position ids and ``cu_seqlens`` are read once
+per tensor (by identity and version counter), so the layers of a model that share one
+batch's tensors read them once per batch.
 """
 from __future__ import annotations
 
+import collections
 import struct
+import weakref
 
 import torch
 
 from ctxpar.dist.agreement import check_agree_on, cu_checksum, dtype_code, text_code
 from ctxpar.dist.topology import CPTopology
 from ctxpar.sequence.layouts import get_layout
-from ctxpar.sequence.spec import ShardSpec
+from ctxpar.sequence.spec import ShardSpec, parse_cu_seqlens
 from ctxpar.ttt.ops import autocast_dtype
 
 __all__ = ["check_agreement", "positions_error"]
@@ -65,8 +74,8 @@ def positions_error(cfg, topo: CPTopology, local_len: int, cu_seqlens, position_
     if expected is None:
         return None
     ids = torch.as_tensor(position_ids)
-    want, real = (t.to(ids.device) for t in expected)
-    if ids.shape[-1] == local_len and bool(((ids == want) | ~real).all()):
+    key = (cfg.layout, topo.rank, topo.size, local_len, _cu_code(cu_seqlens))
+    if _positions_fit(ids, expected, key):
         return None
     kind = "positions within each document" if cu_seqlens is not None else "global positions"
     return ValueError(
@@ -77,16 +86,44 @@ def positions_error(cfg, topo: CPTopology, local_len: int, cu_seqlens, position_
         f"check_positions=False skips this check")
 
 
+# id(position ids) -> (weakref, version, key, verdict): a bounded LRU, see the docstring.
+_FIT: collections.OrderedDict = collections.OrderedDict()
+
+
+def _positions_fit(ids: torch.Tensor, expected, key) -> bool:
+    """Whether ``ids`` are the ``expected`` positions, read once per ids tensor and key."""
+    hit = _FIT.get(id(ids))
+    if hit is not None and hit[0]() is ids and hit[1] == ids._version and hit[2] == key:
+        return hit[3]
+    want, real = (t.to(ids.device) for t in expected)
+    fit = ids.shape[-1] == want.shape[-1] and bool(((ids == want) | ~real).all())
+    _FIT[id(ids)] = (weakref.ref(ids), ids._version, key, fit)
+    while len(_FIT) > 64:
+        _FIT.popitem(last=False)
+    return fit
+
+
+def _cu_code(cu_seqlens) -> int:
+    """The ``cu_seqlens`` checksum from the host parse (read once per tensor); the raw
+    values when they do not parse (the plan then raises on every rank)."""
+    try:
+        return cu_checksum(None if cu_seqlens is None else parse_cu_seqlens(cu_seqlens))
+    except ValueError:
+        return cu_checksum(cu_seqlens)
+
+
 def _eta_bits(eta: torch.Tensor) -> int:
     return struct.unpack("<q", struct.pack("<d", float(eta.detach())))[0]
 
 
 def check_agreement(cfg, topo: CPTopology, x: torch.Tensor, eta: torch.Tensor, cu_seqlens,
-                    local: dict[str, ValueError | None]) -> None:
+                    local: dict[str, ValueError | None], verified=None) -> None:
     """Raise a ValueError on every rank if the fields of the module docstring differ across
     ranks or any rank found one of the ``local`` errors (named by what they check). A rank
     raises its own local error where it has one (the most specific message), else the
-    agreement's; with ``check_args`` off only the local errors are raised."""
+    agreement's; with ``check_args`` off only the local errors are raised. ``verified``
+    (the layer's :class:`~ctxpar.dist.agreement.VerifiedSignatures`): check each distinct
+    signature once; None: every call."""
     own = next((e for e in local.values() if e is not None), None)
     if cfg.check_args:
         cast = autocast_dtype(x.device.type)
@@ -95,12 +132,13 @@ def check_agreement(cfg, topo: CPTopology, x: torch.Tensor, eta: torch.Tensor, c
         fields = {"batch": x.shape[0], "S_local": x.shape[1], "hidden": x.shape[2],
                   "dtype": dtype_code(x.dtype), "chunk_size": cfg.chunk_size,
                   "options (layout, scan, clip, target, proj, conv, learn_eta)": text_code(options),
-                  "eta": _eta_bits(eta), "autocast dtype": -1 if cast is None else dtype_code(cast),
-                  "cu_seqlens checksum": cu_checksum(cu_seqlens)}
+                  "autocast dtype": -1 if cast is None else dtype_code(cast),
+                  "cu_seqlens checksum": _cu_code(cu_seqlens)}
         fields.update({f"{name} ok": int(e is None) for name, e in local.items()})
         try:
             check_agree_on(topo, fields, "InPlaceTTTMLP inputs", device=x.device,
-                           shown=("batch", "S_local", "hidden", "chunk_size"))
+                           shown=("batch", "S_local", "hidden", "chunk_size"), verified=verified,
+                           unkeyed=lambda: {"eta": _eta_bits(eta)})
         except ValueError as e:
             raise (own or e) from None
     if own is not None:

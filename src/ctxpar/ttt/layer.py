@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctxpar.dist.agreement import VerifiedSignatures
 from ctxpar.dist.collectives import all_reduce
 from ctxpar.dist.topology import resolve
 from ctxpar.numerics import acc_dtype
@@ -147,6 +148,9 @@ class InPlaceTTTMLP(nn.Module):
                 raise ValueError(f"InPlaceTTTMLP wraps a gated MLP with nn.Linear {name}; "
                                  f"{type(mlp).__name__} has {type(getattr(mlp, name, None)).__name__}")
         self.config, self.group = cfg, group
+        # The signatures this layer's agreement check has passed: each is checked once
+        # (no collective, no device read on later calls; ctxpar.ttt.checks).
+        self._verified = VerifiedSignatures()
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.act_fn = getattr(mlp, "act_fn", None) or nn.SiLU()
         w0 = self.down_proj.weight
@@ -346,7 +350,7 @@ class InPlaceTTTMLP(nn.Module):
             source, error = None, e
         local = {"target source": error,
                  "position_ids": positions_error(self.config, topo, x.shape[1], cu_seqlens, position_ids)}
-        check_agreement(self.config, topo, x, self.ttt_eta, cu_seqlens, local)
+        check_agreement(self.config, topo, x, self.ttt_eta, cu_seqlens, local, self._verified)
         return source
 
     def step(self, x: torch.Tensor, state: TTTState | None = None, *, embeddings=None):

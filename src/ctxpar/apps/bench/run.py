@@ -50,7 +50,8 @@ _QUICK = dict(methods="ring,ulysses,allgather", layouts="zigzag", worlds="2", se
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
-    a("--methods", default="ring,ulysses,allgather,hybrid", help="comma list of ctxpar methods")
+    a("--methods", default="ring,ulysses,allgather,hybrid",
+      help="comma list of ctxpar methods; method:layout runs that method on that layout only")
     a("--layouts", default="zigzag,contiguous", help="comma list, or 'all'")
     a("--worlds", default="1,2,4", help="CP world sizes (local ranks)")
     a("--seq-lens", default="1024,2048", help="global sequence lengths")
@@ -117,6 +118,7 @@ def _cells(cfg, notes: list[str]):
             yield dict(base, method="ring", layout="contiguous")
             continue
         for m in cfg.methods.split(","):
+            m, _, only = m.partition(":")  # "ring:zigzag": this method on this layout only
             hyb = None
             if m == "hybrid":
                 hyb = tuple(_ints(cfg.hybrid_sizes)) if cfg.hybrid_sizes else _default_hybrid(w)
@@ -126,7 +128,7 @@ def _cells(cfg, notes: list[str]):
             if m in ("ulysses", "hybrid") and cfg.heads % (w if m == "ulysses" else hyb[0]):
                 notes.append(f"{m} skipped at N={w}: {cfg.heads} heads do not split")
                 continue
-            for lay in layouts:
+            for lay in [only] if only else layouts:
                 yield dict(base, method=m, layout=lay, hybrid=hyb)
         for p in peers:
             why = peer_status(p, device=cfg.device, world=w, hq=cfg.heads, hkv=cfg.kv_heads)
@@ -215,7 +217,7 @@ def _layer_rows(cfg, pool, world: int) -> list[dict]:
     """Decoder-layer saved bytes per rank of every method on ``world`` ranks (hybrid only
     where the default [2, N/2] mesh exists)."""
     rows = []
-    for m in cfg.methods.split(","):
+    for m in dict.fromkeys(x.partition(":")[0] for x in cfg.methods.split(",")):
         hyb = _default_hybrid(world) if m == "hybrid" else None
         if m == "hybrid" and hyb is None:
             continue
