@@ -146,3 +146,15 @@ def test_layer_activation_bytes_within_10_percent(run_ranks, n, method, hybrid):
     predicted = seq_len // n * (per["act"] * 4 + per["fp32"] * 4)
     for m in measured:
         assert abs(predicted - m) <= 0.10 * m, (predicted, m)
+
+
+def test_shared_finish_frees_cores_as_ranks_finish():
+    # Processor sharing on 2 cores: 4 jobs of 1, 1, 2, 4 s alone. Phase 1: 4 active
+    # (x2) until 1 s of work each: 2 s; phase 2: 2 active (x1) for 1 s more; phase 3: 1
+    # active for 2 s more -> 5 s for the longest, not 4 s x 2 = 8 s.
+    from ctxpar.apps.plan.cost import shared_finish
+
+    factor = lambda active: max(1.0, active / 2)  # noqa: E731
+    assert shared_finish([4.0, 1.0, 2.0, 1.0], factor) == 5.0
+    assert shared_finish([3.0] * 4, factor) == 6.0  # balanced: everyone shares all along
+    assert shared_finish([2.5], factor) == 2.5

@@ -93,9 +93,30 @@ def _cross_node(group_span: int, cluster: ClusterSpec | None) -> bool:
     return cluster is not None and group_span > cluster.per_node
 
 
-def _attention_times(model, run, choice, rates: Rates, cluster, tp: int, slow: float):
+def shared_finish(alone: list[float], factor) -> float:
+    """When the last of jobs started together ends, if each job alone takes ``alone[i]``
+    seconds and the active ones share the cores (``factor(active)``: slowdown of each):
+    processor sharing, phase by phase as the shorter jobs end."""
+    t, done, n = 0.0, 0.0, len(alone)
+    for i, a in enumerate(sorted(alone)):
+        t += (a - done) * factor(n - i)
+        done = a
+    return t
+
+
+def _step_times(work, kind: str, flop_pair: float, rates: Rates, d: int, allgather: bool):
+    """Each rank's compute alone per step (``[rank][step]``); the all-gather's sources after
+    its own block run as one pass (it computes them back to back)."""
+    mult = BWD_FLOP_RATIO if kind == "bwd" else 1.0
+    per = [[rates.attention(kind, mult * flop_pair * time_pairs(w.tiles), len(w.tiles), d) for w in steps]
+           for steps in work]
+    return [p[:1] + [sum(p[1:])] if allgather and len(p) > 1 else p for p in per]
+
+
+def _attention_times(model, run, choice, rates: Rates, cluster, tp: int, local_ranks: int):
     """(fwd seconds, bwd seconds, exposed comm seconds) of one layer's attention on the
-    slowest rank; ``slow`` the compute oversubscription factor."""
+    slowest rank. Ranks sharing cores (a CPU profile) compute each step together: a step
+    lasts until its longest rank's work ends, the others' cores freed as they finish."""
     d = model.head_dim
     hq_l, _ = local_heads(model, choice, tp)
     flop_pair = 4 * d * hq_l * run.batch
@@ -109,34 +130,34 @@ def _attention_times(model, run, choice, rates: Rates, cluster, tp: int, slow: f
     a2a_t = 0.0
     if a2a_deg > 1:  # four all-to-alls each way (q, k, v, out / dout, dq, dk, dv), exposed
         a2a_t = 4 * rates.comm_time("all_to_all", by["fwd"]["all_to_all"] / 4, a2a_deg, a2a_x)
-    best = (0.0, 0.0, 0.0)
-    for steps in set(work):
-        fwd_c = [slow * rates.attention("fwd", flop_pair * time_pairs(w.tiles), len(w.tiles), d)
-                 for w in steps]
-        bwd_c = [slow * rates.attention("bwd", BWD_FLOP_RATIO * flop_pair * time_pairs(w.tiles),
-                                        len(w.tiles), d) for w in steps]
-        fwd, bwd, exposed = sum(fwd_c), sum(bwd_c), 2 * a2a_t
-        if choice.method in ("ring", "hybrid") and len(steps) > 1:
-            n = spec.p2p
-            blk = by["fwd"]["p2p"] / (len(steps) - 1)  # one K/V block, bytes
-            dkv = blk / run.elem * acc
-            x_kv = rates.comm_time("p2p", blk, n, ring_x)
-            x_both = rates.comm_time("p2p", blk + dkv, n, ring_x)
-            x_dkv = rates.comm_time("p2p", dkv, n, ring_x)
-            f = sum(max(c, x_kv) for c in fwd_c[:-1]) + fwd_c[-1]
-            b = sum(max(c, x_both) for c in bwd_c[:-1]) + max(bwd_c[-1], x_dkv) + x_dkv
-            exposed += (f - fwd) + (b - bwd)
-            fwd, bwd = f, b
-        elif choice.method == "allgather" and choice.size > 1:
-            t_ag = rates.comm_time("all_gather", by["fwd"]["all_gather"], choice.size, ring_x)
-            t_rs = rates.comm_time("reduce_scatter", by["bwd"]["reduce_scatter"], choice.size, ring_x)
-            f = max(fwd_c[0], t_ag) + sum(fwd_c[1:])
-            exposed += (f - fwd) + t_rs
-            fwd, bwd = f, bwd + t_rs
-        fwd, bwd = fwd + a2a_t, bwd + a2a_t
-        if fwd + bwd > best[0] + best[1]:
-            best = (fwd, bwd, exposed)
-    return best
+    factor = lambda active: rates.sharing(active, local_ranks)  # noqa: E731
+    gathered = choice.method == "allgather"
+
+    def per_step(kind):
+        per = _step_times(work, kind, flop_pair, rates, d, gathered)
+        steps = max(len(p) for p in per)
+        return [shared_finish([p[s] for p in per if s < len(p)], factor) for s in range(steps)]
+
+    fwd_c, bwd_c = per_step("fwd"), per_step("bwd")
+    fwd, bwd, exposed = sum(fwd_c), sum(bwd_c), 2 * a2a_t
+    if choice.method in ("ring", "hybrid") and len(fwd_c) > 1:
+        n = spec.p2p
+        blk = by["fwd"]["p2p"] / (len(fwd_c) - 1)  # one K/V block, bytes
+        dkv = blk / run.elem * acc
+        x_kv = rates.comm_time("p2p", blk, n, ring_x)
+        x_both = rates.comm_time("p2p", blk + dkv, n, ring_x)
+        x_dkv = rates.comm_time("p2p", dkv, n, ring_x)
+        f = sum(max(c, x_kv) for c in fwd_c[:-1]) + fwd_c[-1]
+        b = sum(max(c, x_both) for c in bwd_c[:-1]) + max(bwd_c[-1], x_dkv) + x_dkv
+        exposed += (f - fwd) + (b - bwd)
+        fwd, bwd = f, b
+    elif gathered and choice.size > 1:
+        t_ag = rates.comm_time("all_gather", by["fwd"]["all_gather"], choice.size, ring_x)
+        t_rs = rates.comm_time("reduce_scatter", by["bwd"]["reduce_scatter"], choice.size, ring_x)
+        f = max(fwd_c[0], t_ag) + sum(fwd_c[1:])
+        exposed += (f - fwd) + t_rs
+        fwd, bwd = f, bwd + t_rs
+    return fwd + a2a_t, bwd + a2a_t, exposed
 
 
 def _linear_flops(model: ModelSpec, run: RunSpec, tokens: float, tp: int) -> tuple[float, float]:
@@ -190,8 +211,7 @@ def attention_time(model: ModelSpec, run: RunSpec, choice: CPChoice, rates: Rate
     """(forward, backward) seconds of one ``ctxpar.attention`` call with ``choice`` on its
     slowest rank (what ``ctxpar bench`` times); ``local_ranks`` as in :func:`estimate`."""
     tp = cluster.tp if cluster else 1
-    slow = rates.oversubscription(local_ranks or choice.size * tp)
-    fwd, bwd, _ = _attention_times(model, run, choice, rates, cluster, tp, slow)
+    fwd, bwd, _ = _attention_times(model, run, choice, rates, cluster, tp, local_ranks or choice.size * tp)
     return fwd, bwd
 
 
@@ -206,7 +226,7 @@ def estimate(model: ModelSpec, run: RunSpec, choice: CPChoice, rates: Rates,
     slow = rates.oversubscription(local_ranks or choice.size * tp)
     spec = shard_spec(run, choice)
     tokens = run.batch * spec.seq_len / choice.size
-    a_f, a_b, exposed = _attention_times(model, run, choice, rates, cluster, tp, slow)
+    a_f, a_b, exposed = _attention_times(model, run, choice, rates, cluster, tp, local_ranks or choice.size * tp)
     lin, head, ttt = _linear_flops(model, run, tokens, tp)
     k = model.hidden
     lin_f = slow * rates.matmul_time(lin, k)

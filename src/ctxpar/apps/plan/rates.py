@@ -77,6 +77,15 @@ class Rates:
             return self.load * max(1.0, float(self.slowdown[str(local_ranks)]))
         return self.load * max(1.0, local_ranks / self.cores)
 
+    def sharing(self, active: int, local_ranks: int) -> float:
+        """How much slower a rank computes while ``active`` of the ``local_ranks`` ranks
+        compute at once (the others wait): :meth:`oversubscription` scaled by
+        ``max(1, active / cores)`` against its value with every rank active."""
+        full = self.oversubscription(local_ranks)
+        if local_ranks <= 1 or not self.cores:
+            return full
+        return full * max(1.0, active / self.cores) / max(1.0, local_ranks / self.cores)
+
 
 def preset_rates(dev: DeviceSpec) -> Rates:
     """Rates of a datasheet device at its assumed achieved fractions of peak."""
