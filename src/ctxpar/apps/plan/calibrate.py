@@ -41,9 +41,13 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _median_time(fn, dev, repeats: int, warmup: int = 1) -> float:
+def _median_time(fn, dev, repeats: int, warmup: int = 1, before=None) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup``; ``before`` (e.g.
+    a barrier) runs ahead of each, untimed."""
     times = []
     for i in range(warmup + repeats):
+        if before is not None:
+            before()
         _sync(dev)
         t0 = time.perf_counter()
         fn()
@@ -169,17 +173,9 @@ def _compute_load(dev, repeats: int, barrier=None) -> float:
     run starts after one (the wait itself is not timed, only the compute)."""
     s, h, d = LOAD_CASE
     q, k, v = (torch.randn(1, h, s, d, device=dev, requires_grad=True) for _ in range(3))
-    times = []
-    for i in range(1 + repeats):
-        if barrier is not None:
-            barrier()
-        _sync(dev)
-        t0 = time.perf_counter()
-        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
-        _sync(dev)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return _median_time(
+        lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward(),
+        dev, repeats, before=barrier)
 
 
 def _rank_comm(device: str, sizes, repeats: int) -> dict:

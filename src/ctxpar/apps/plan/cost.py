@@ -27,6 +27,8 @@ free), and the data-parallel gradient reduction beyond what overlaps the backwar
 """
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 
 from ctxpar.apps.plan.rates import Rates
@@ -130,7 +132,7 @@ def _attention_times(model, run, choice, rates: Rates, cluster, tp: int, local_r
     a2a_t = 0.0
     if a2a_deg > 1:  # four all-to-alls each way (q, k, v, out / dout, dq, dk, dv), exposed
         a2a_t = 4 * rates.comm_time("all_to_all", by["fwd"]["all_to_all"] / 4, a2a_deg, a2a_x)
-    factor = lambda active: rates.sharing(active, local_ranks)  # noqa: E731
+    factor = functools.partial(rates.sharing, local_ranks=local_ranks)
     gathered = choice.method == "allgather"
 
     def per_step(kind):
