@@ -60,7 +60,7 @@ from ctxpar.ttt.checks import check_agreement, positions_error
 from ctxpar.ttt.names import rename_for_save, translate_for_load
 from ctxpar.ttt.ops import TTTApply, chunk_delta, without_autocast
 from ctxpar.ttt.plan import Plan, build_plan, extend_last_document
-from ctxpar.ttt.stream import TTTState, cached_forward
+from ctxpar.ttt.stream import TTTState, apply_fast_weight, cached_forward
 
 __all__ = ["TTTConfig", "InPlaceTTTMLP", "TTTState"]
 
@@ -371,15 +371,11 @@ class InPlaceTTTMLP(nn.Module):
             state = TTTState(torch.zeros(bsz, d, nf, dtype=acc, device=x.device),
                              x.new_zeros(bsz, 0, d), x.new_zeros(bsz, 0, nf))
         t_all, z_all = self._target_source(x, embeddings), self.activations(x)
-        eta = self.ttt_eta.to(acc)
         outs, pos = [], 0
         while pos < x.shape[1]:
             take = min(c - state.t_buf.shape[1], x.shape[1] - pos)
             z_r = z_all[:, pos:pos + take]
-            # The W_0 matmul as the MLP's (also under autocast); the fast weight in acc.
-            base = F.linear(z_r, w0, self.down_proj.bias).to(acc)
-            with without_autocast(x.device.type):
-                outs.append((base + torch.bmm(z_r.to(acc), (eta * state.delta).transpose(1, 2))).to(z_r.dtype))
+            outs.append(apply_fast_weight(self, z_r, state.delta))
             t_buf = torch.cat([state.t_buf, t_all[:, pos:pos + take]], 1)
             z_buf = torch.cat([state.z_buf, z_r], 1)
             delta = state.delta

@@ -40,7 +40,8 @@ from ctxpar.dist.collectives import all_reduce
 from ctxpar.numerics import acc_dtype
 from ctxpar.ttt.ops import chunk_delta, clip_delta, without_autocast
 
-__all__ = ["TTTState", "RowStreams", "TTTStates", "row_lengths", "prefill", "decode", "cached_forward"]
+__all__ = ["TTTState", "RowStreams", "TTTStates", "row_lengths", "prefill", "decode", "cached_forward",
+           "apply_fast_weight"]
 
 
 @dataclasses.dataclass
@@ -121,9 +122,10 @@ def _window_target(layer, window: torch.Tensor) -> torch.Tensor:
     return v if layer.ttt_proj is None else v @ layer.ttt_proj.weight
 
 
-def _apply(layer, z: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``z (W_0 + η delta)ᵀ`` + bias, as :meth:`InPlaceTTTMLP.step` computes it: the W_0
-    matmul as the MLP's, the fast-weight part in the carry dtype."""
+def apply_fast_weight(layer, z: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``z (W_0 + η delta)ᵀ`` + bias for ``z`` ``[B, n, F]`` and ``delta`` ``[B, D, F]``
+    (generation and :meth:`InPlaceTTTMLP.step`): the W_0 matmul as the MLP's (also under
+    autocast), the fast-weight part in the carry dtype."""
     acc = delta.dtype
     base = F.linear(z, layer.down_proj.weight, layer.down_proj.bias).to(acc)
     with without_autocast(z.device.type):
@@ -165,7 +167,7 @@ def prefill(layer, z: torch.Tensor, source: torch.Tensor, lengths: list[int]):
     outs = []
     for i in range(0, s + pad, c):
         z_i = zr[:, i:i + c]
-        outs.append(_apply(layer, z_i, delta))
+        outs.append(apply_fast_weight(layer, z_i, delta))
         full = [b for b, n in enumerate(lengths) if n >= i + c]
         open_ = [b for b, n in enumerate(lengths) if i <= n < i + c and n % c]
         if not (full or open_):
@@ -198,7 +200,7 @@ def decode(layer, z: torch.Tensor, source: torch.Tensor, state: RowStreams):
     outs = []
     for j in range(z.shape[1]):
         z_t, s_t = z[:, j:j + 1], source[:, j:j + 1]
-        outs.append(_apply(layer, z_t, state.delta))
+        outs.append(apply_fast_weight(layer, z_t, state.delta))
         tw = torch.cat([state.t_win, s_t], 1)
         zw = torch.cat([state.z_win, z_t], 1)
         with without_autocast(z.device.type):
