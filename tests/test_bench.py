@@ -67,8 +67,9 @@ def _measured(method, layout, hq, hkv, dtype, mesh_sizes=None):
 ], ids=lambda x: str(x).replace("torch.", ""))
 def test_bytes_match_theory(run_ranks, world, method, layout, hq, hkv, dtype, mesh):
     res = run_ranks(world, _measured, method, layout, hq, hkv, dtype, mesh)
-    th = theory_recv_bytes(method, world, batch=1, seq_len=64, hq=hq, hkv=hkv, head_dim=16,
-                           elem=torch.empty(0, dtype=dtype).element_size(), hybrid=mesh)
+    cell = dict(method=method, world=world, batch=1, seq_len=64, heads=hq, kv_heads=hkv, head_dim=16,
+                dtype=str(dtype).removeprefix("torch."), causal=True, layout=layout, hybrid=mesh, peer=False)
+    th = theory_recv_bytes(cell)
     for rank, (fr, br, fs, bs) in enumerate(res):
         for got, want in ((fr, th[0]), (br, th[1]), (fs, th[0]), (bs, th[1])):
             assert abs(got - want) <= 0.01 * want, (rank, got, want)

@@ -22,6 +22,24 @@ def test_visible_pairs_closed_form_equals_the_mask():
         assert visible_pairs(Tile(0, lq, 0, lk, band)) == int(band.dense(lq, lk).sum()), (lq, lk, band)
 
 
+def test_kernel_pairs_follow_the_kernels_causal_blocking():
+    from ctxpar.apps.plan.work import kernel_pairs
+
+    causal = Band(0, None)
+    # torch's CPU flash kernel: keys in blocks of 512, so a causal 512 block is computed
+    # whole, 1024 costs 3/4 of its tile, 2048 5/8 (measured within 2% of these).
+    for n, frac in ((256, 1.0), (512, 1.0), (1024, 0.75), (2048, 0.625)):
+        assert kernel_pairs(Tile(0, n, 0, n, causal), "cpu_flash") == (int(frac * n * n), 0), n
+    # 128 x 128 blocks: causal 1024 computes the 36 blocks on and below the diagonal.
+    assert kernel_pairs(Tile(0, 1024, 0, 1024, causal), "cuda") == (36 * 128 * 128, 0)
+    # Shifted causal with a square remainder runs as the flag; other bands are dense masks.
+    assert kernel_pairs(Tile(0, 768, 0, 512, Band(256, None)), "cpu_flash") == (512 * 512, 0)
+    assert kernel_pairs(Tile(0, 512, 0, 768, Band(0, None)), "cpu_flash") == (512 * 768, 512 * 768)
+    assert kernel_pairs(Tile(0, 256, 0, 512, Band(0, 300)), "cpu_flash") == (256 * 512, 256 * 512)
+    assert kernel_pairs(Tile(0, 256, 0, 512, Band()), "cpu_flash") == (256 * 512, 0)
+    assert kernel_pairs(Tile(0, 256, 0, 512, Band(300, None)), "cpu_flash") == (0, 0)
+
+
 def test_presets_match_published_parameter_counts():
     # Published sizes: Llama-3-8B 8.03 B, Llama-3-70B 70.6 B, Llama-2-7B 6.74 B, Qwen3-8B 8.19 B.
     for name, billions in (("llama3-8b", 8.03), ("llama3-70b", 70.55), ("llama2-7b", 6.74),
@@ -137,11 +155,14 @@ def test_does_not_fit_says_by_how_much(capsys):
 def test_fits_recover_known_coefficients():
     from ctxpar.apps.plan.calibrate import fit_affine, fit_linear
 
-    rows = [(1, 1e9), (3, 2e9), (40, 4e9), (1, 8e9), (120, 3e9)]
-    ys = [0.002 + 1e-4 * t + f / 2e10 for t, f in rows]
-    a, b, c = fit_linear(rows, ys)
+    rows = [(1, 1e9, 0), (3, 2e9, 0), (40, 4e9, 0), (1, 8e9, 0), (120, 3e9, 5e6), (8, 1e9, 0)]
+    ys = [0.002 + 1e-4 * t + f / 2e10 + 3e-9 * m for t, f, m in rows]
+    a, b, c, d = fit_linear(rows, ys)
     assert a == pytest.approx(0.002, rel=1e-6) and b == pytest.approx(1e-4, rel=1e-6)
-    assert 1 / c == pytest.approx(2e10, rel=1e-6)
+    assert 1 / c == pytest.approx(2e10, rel=1e-6) and d == pytest.approx(3e-9, rel=1e-6)
+    # A coefficient the data would make negative is dropped, the others refitted.
+    a, b, c, d = fit_linear(rows, [0.002 + f / 2e10 - 1e-12 * m for t, f, m in rows])
+    assert d == 0.0 and min(a, b, c) >= 0.0
     lat, per_byte = fit_affine([4096, 1 << 20, 1 << 22], [1e-4 + x / 1e9 for x in (4096, 1 << 20, 1 << 22)])
     assert lat == pytest.approx(1e-4, rel=1e-6) and 1 / per_byte == pytest.approx(1e9, rel=1e-6)
 

@@ -31,7 +31,7 @@ import traceback
 from typing import Any, Callable, Iterator
 
 __all__ = ["RankPool", "RankError", "RankTimeout", "Stopped", "stop_on_signals",
-           "under_torchrun", "run_job", "run_command_job", "rank_device"]
+           "under_torchrun", "run_job", "run_command_job", "rank_device", "sync_device"]
 
 #: Signals that stop a launcher the way Ctrl-C does (see :func:`stop_on_signals`).
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -276,6 +276,14 @@ def rank_device(kind: str, rank: int | None = None):
     local = rank % torch.cuda.device_count()
     torch.cuda.set_device(local)
     return torch.device("cuda", local)
+
+
+def sync_device(device) -> None:
+    """Wait for ``device``'s queued work (CUDA), so that a host clock times it; a no-op on CPU."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def under_torchrun() -> bool:

@@ -7,54 +7,35 @@ import time
 
 import torch
 
-from ctxpar.apps.launch import rank_device
+from ctxpar.apps.launch import rank_device, sync_device
 from ctxpar.numerics import rel_error
 
 __all__ = ["theory_recv_bytes", "DecoderLayer", "rank_cell", "rank_layer_memory",
            "single_process", "reference", "rel_errors"]
 
 
-def theory_recv_bytes(method: str, world: int, *, batch: int, seq_len: int, hq: int, hkv: int,
-                      head_dim: int, elem: int, hybrid: tuple[int, int] | None = None) -> tuple[int, int]:
-    """Bytes each rank receives (= sends) in one fwd and in one bwd call, by design.
+def theory_recv_bytes(cell: dict) -> tuple[int, int] | None:
+    """Bytes each rank receives (= sends) in one fwd and in one bwd call of ``cell``, by
+    design: ctxpar's methods by the planner's formulas
+    (:func:`ctxpar.apps.plan.work.comm_bytes`, which the tests check against
+    ``comm_counters``); ``deepspeed-ulysses`` is Ulysses without K/V head replication,
+    ``(N-1)/N`` of q, k, v, out each way; None for a peer without a formula."""
+    from ctxpar.apps.plan.validate import cell_specs
+    from ctxpar.apps.plan.work import comm_bytes
 
-    ``b`` = one local K/V pair block ``2·B·S_local·Hkv·D·e``; ``acc`` = 4 (8 for fp64):
-    ring fwd ``(N-1)·b``, bwd ``(N-1)·b + N·b_acc`` (dK/dV partials travel N hops in fp32);
-    allgather fwd ``(N-1)·b`` (one all-gather), bwd ``(N-1)·b_acc`` (one reduce-scatter);
-    ulysses fwd = bwd = ``(N-1)/N·B·S_local·D·e·(2·Hq + 2·Hkv')`` (q, k, v, out; dout, dq,
-    dk, dv), ``Hkv'`` the K/V heads after replication (``ctxpar.attn.ulysses.kv_replication``);
-    hybrid [a2a, p2p]: Ulysses over a2a, then the ring over p2p on ``S/p2p`` tokens and
-    ``Hkv'/a2a`` heads. ``deepspeed-ulysses`` is Ulysses without replication."""
-    from ctxpar.attn.ulysses import kv_replication
-
-    acc = 8 if elem == 8 else 4
-
-    def ring(n, sl, h):
-        b = 2 * batch * sl * h * head_dim
-        return (n - 1) * b * elem, (n - 1) * b * elem + n * b * acc
-
-    def uly(n, sl, heads_total):  # (N-1) chunks of [Sl, B, H/N, D] per tensor
-        v = sum((n - 1) * sl * batch * (h // n) * head_dim * elem for h in heads_total)
-        return v, v
-
-    if world == 1:
+    n = cell["world"]
+    if n == 1:
         return 0, 0
-    sl = seq_len // world
-    if method == "ring":
-        return ring(world, sl, hkv)
-    if method == "allgather":
-        b = 2 * batch * sl * hkv * head_dim
-        return (world - 1) * b * elem, (world - 1) * b * acc
-    if method in ("ulysses", "deepspeed-ulysses"):
-        h2 = hkv * (kv_replication(hkv, world) if method == "ulysses" else 1)
-        return uly(world, sl, (hq, h2, h2, hq))
-    if method == "hybrid":
-        a2a, p2p = hybrid
-        h2 = hkv * kv_replication(hkv, a2a)
-        u = uly(a2a, sl, (hq, h2, h2, hq)) if a2a > 1 else (0, 0)
-        r = ring(p2p, seq_len // p2p, h2 // a2a) if p2p > 1 else (0, 0)
-        return u[0] + r[0], u[1] + r[1]
-    raise ValueError(f"no theory for method {method!r}")
+    if cell["method"] == "deepspeed-ulysses":
+        elem = torch.empty(0, dtype=getattr(torch, cell["dtype"])).element_size()
+        local = cell["seq_len"] // n * cell["batch"] * cell["head_dim"] * elem
+        heads = (cell["heads"], cell["kv_heads"], cell["kv_heads"], cell["heads"])
+        vol = sum((n - 1) * local * (h // n) for h in heads)
+        return vol, vol
+    if cell.get("peer"):
+        return None
+    by = comm_bytes(*cell_specs(cell))
+    return sum(by["fwd"].values()), sum(by["bwd"].values())
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -74,11 +55,6 @@ def _sdpa(q, k, v, causal):
         enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _timed_runs(fn, q, k, v, dout, device, warmup: int, repeats: int, distributed: bool = False):
     """``warmup + repeats`` fwd+bwd runs of ``fn(q, k, v)`` (``[B, S, H, D]`` each; ``dout``
     like the output). Returns the fwd and the fwd+bwd seconds of the timed runs, the last
@@ -94,15 +70,15 @@ def _timed_runs(fn, q, k, v, dout, device, warmup: int, repeats: int, distribute
         q.grad = k.grad = v.grad = None
         if distributed:
             torch.distributed.barrier()
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         with counters() as cf:
             out = fn(q, k, v)
-        _sync(device)
+        sync_device(device)
         t1 = time.perf_counter()
         with counters() as cb:
             out.backward(dout)
-        _sync(device)
+        sync_device(device)
         if i >= warmup:
             fwd.append(t1 - t0)
             tot.append(time.perf_counter() - t0)
@@ -200,7 +176,7 @@ def rank_cell(cell: dict, opts: dict) -> dict:
         with SavedTensors() as saved:
             out = fn(q, k, v)
         out.backward(dout)
-        _sync(dev)
+        sync_device(dev)
         wall = time.perf_counter() - t0
     # On CUDA the profiler's CPU times are launch times: use the (synchronised) ring trace.
     compute = _compute_seconds(prof) if dev.type == "cpu" else (

@@ -157,10 +157,7 @@ def _summary(cell, res, single, ref, cfg) -> dict:
     row["eff_fwd"], row["eff_tot"] = ideal_f / row["fwd_s"], ideal_t / row["tot_s"]
     for key in ("fwd_recv", "fwd_sent", "bwd_recv", "bwd_sent", "saved_bytes"):
         row[key] = max(r[key] for r in res)
-    th = theory_recv_bytes(cell["method"], n, batch=cell["batch"], seq_len=cell["seq_len"],
-                           hq=cell["heads"], hkv=cell["kv_heads"], head_dim=cell["head_dim"],
-                           elem=torch.empty(0, dtype=getattr(torch, cell["dtype"])).element_size(),
-                           hybrid=cell["hybrid"])
+    th = theory_recv_bytes(cell) or (0, 0)
     row["theory_fwd"], row["theory_bwd"] = th
     counted = not cell["peer"]
     row["bytes_ratio"] = ((row["fwd_recv"] + row["bwd_recv"]) / sum(th)) if counted and sum(th) else (

@@ -4,17 +4,21 @@ What it measures (one thread per process on CPU, as ``ctxpar bench`` runs its ra
 GPU per rank on CUDA), each a median over a few repeats after a warm-up:
 
 - **attention**: ``ctxpar.attention`` forward and backward in one process, causal at a few
-  lengths, full, and windowed (many sub-tiles), at two head shapes; a least-squares fit
-  ``seconds = fixed + per_tile · tiles + FLOPs / rate`` per head dim and direction (the
-  FLOPs those of the pairs the kernels compute, as :mod:`ctxpar.apps.plan.cost` counts);
+  lengths, full, packed documents (many tiles) and windowed (dense-masked sub-tiles), at
+  two head shapes; a least-squares fit
+  ``seconds = fixed + per_tile · tiles + FLOPs / rate + per_masked · masked pairs`` per
+  head dim and direction (the FLOPs those of the pairs the kernels compute, their causal
+  blocking included, as :mod:`ctxpar.apps.plan.cost` counts);
 - **matmul**: FLOP/s of ``[m, k] @ [k, k]`` for k = 64, 256, 1024;
 - **memory bandwidth**: an elementwise add over 64 MB;
 - **contention**: the same attention fwd+bwd run by N ranks at once against one process
   alone (CPU: the ranks share the cores, and other users' load shows here);
 - **communication** over N local ranks (``ctxpar.apps.launch.RankPool``; N = 2 and 4 by
   default): a ring step's exchange, all-to-all, all-gather and reduce-scatter through the
-  counted wrappers of ``ctxpar.dist.collectives``, at two sizes; latency and bandwidth
-  from the two points (bytes = what each rank receives, as ``comm_counters`` counts).
+  counted wrappers of ``ctxpar.dist.collectives``, at three sizes, each timed back to
+  back and by what it adds to a loop that computes between calls (a collective after a
+  kernel); latency and bandwidth fitted to the points (bytes = what each rank receives,
+  as ``comm_counters`` counts).
 
 The profile is JSON (``ctxpar.apps.plan.rates.profile_rates`` reads it).
 """
@@ -27,18 +31,19 @@ import time
 
 import torch
 
+from ctxpar.apps.launch import sync_device
+
 __all__ = ["calibrate", "attention_samples", "fit_linear", "fit_affine", "write_profile", "probe",
            "rank_probe"]
 
 ATTN_SHAPES = ((8, 64), (4, 16))  # (heads, head_dim): the bench's default, ctxpar train's model
-ATTN_CASES = ((512, 0, True), (1024, 0, True), (2048, 0, True), (512, 0, False), (4096, 256, True))
+# (S, window, causal, document length): causal blocks of three sizes, a full one, packed
+# documents (many unmasked causal tiles: the per-tile cost), a window (dense-masked
+# sub-tiles: the cost of building and applying masks).
+ATTN_CASES = ((512, 0, True, 0), (1024, 0, True, 0), (2048, 0, True, 0), (512, 0, False, 0),
+              (2048, 0, True, 128), (4096, 256, True, 0))
 COMM_SIZES = (1 << 12, 1 << 20, 1 << 22)  # bytes per message (or per rank's share)
 LOAD_CASE = (1024, 8, 64)  # (S, heads, head_dim): the compute each rank runs for the slowdown
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _median_time(fn, dev, repeats: int, warmup: int = 1, before=None) -> float:
@@ -48,34 +53,39 @@ def _median_time(fn, dev, repeats: int, warmup: int = 1, before=None) -> float:
     for i in range(warmup + repeats):
         if before is not None:
             before()
-        _sync(dev)
+        sync_device(dev)
         t0 = time.perf_counter()
         fn()
-        _sync(dev)
+        sync_device(dev)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
 def attention_samples(heads: int, head_dim: int, dev: torch.device, dtype, repeats: int):
-    """``[(time_pairs, tiles, fwd_s, bwd_s)]`` for :data:`ATTN_CASES` in one process."""
+    """``[(pairs, masked, tiles, fwd_s, bwd_s)]`` for :data:`ATTN_CASES` in one process:
+    the pairs the kernels compute and those under dense masks (as
+    :func:`ctxpar.apps.plan.cost.time_pairs` counts them), and the kernel calls."""
     import ctxpar
     from ctxpar.apps.plan.cost import time_pairs
     from ctxpar.apps.plan.specs import RunSpec
     from ctxpar.apps.plan.work import CPChoice, attention_work
     from ctxpar.attn.kernels import sub_tile_rows
 
+    kernel = "cpu_flash" if dev.type == "cpu" else "cuda"
     out = []
-    for seq_len, window, causal in ATTN_CASES:
+    for seq_len, window, causal, doc in ATTN_CASES:
         g = torch.Generator().manual_seed(seq_len)
         q, k, v, dout = (torch.randn(1, seq_len, heads, head_dim, generator=g).to(dev, dtype)
                          for _ in range(4))
         q, k, v = (t.requires_grad_() for t in (q, k, v))
         win = (window, 0) if window else (-1, -1)
+        docs = (doc,) * (seq_len // doc) if doc else ()
+        cu = torch.tensor([0] + [doc * (i + 1) for i in range(len(docs))], dtype=torch.int32) if doc else None
         state = {}
 
         def fwd():
-            state["out"] = ctxpar.attention(q, k, v, causal=causal, window=win, check_args=False)
+            state["out"] = ctxpar.attention(q, k, v, causal=causal, window=win, cu_seqlens=cu, check_args=False)
 
         def bwd():
             q.grad = k.grad = v.grad = None
@@ -83,27 +93,28 @@ def attention_samples(heads: int, head_dim: int, dev: torch.device, dtype, repea
 
         t_f = _median_time(fwd, dev, repeats)
         t_b = _median_time(bwd, dev, repeats)
-        run = RunSpec(seq_len, dtype="float32", causal=causal, window=window)
+        run = RunSpec(seq_len, dtype="float32", causal=causal, window=window, docs=docs)
         work = attention_work(run, CPChoice("ring", 1, 1, "contiguous"), sub_tile_rows(dev))[0]
         tiles = [t for w in work for t in w.tiles]
-        out.append((time_pairs(tiles), len(tiles), t_f, t_b))
+        out.append((*time_pairs(tiles, kernel), len(tiles), t_f, t_b))
     return out
 
 
-def fit_linear(rows: list[tuple[float, float]], ys: list[float]) -> tuple[float, float, float]:
-    """Least squares ``y = a + b·x1 + c·x2`` with ``a, b, c >= 0`` (a negative term is
-    dropped and the rest refitted); returns ``(a, b, c)``."""
-    cols = [0, 1, 2]
+def fit_linear(rows: list[tuple[float, ...]], ys: list[float]) -> tuple[float, ...]:
+    """Least squares ``y = a + b·x1 + c·x2 + ...`` with every coefficient ``>= 0`` (a
+    negative one is dropped and the rest refitted); returns ``(a, b, c, ...)``."""
+    width = 1 + len(rows[0])
+    cols = list(range(width))
     while True:
-        a = torch.tensor([[1.0, x1, x2] for x1, x2 in rows], dtype=torch.float64)[:, cols]
+        a = torch.tensor([[1.0, *x] for x in rows], dtype=torch.float64)[:, cols]
         sol = torch.linalg.lstsq(a, torch.tensor(ys, dtype=torch.float64)[:, None]).solution.flatten()
-        coef = [0.0, 0.0, 0.0]
+        coef = [0.0] * width
         for i, c in zip(cols, sol.tolist()):
             coef[i] = c
         neg = [i for i in cols if coef[i] < 0]
         if not neg or len(cols) == 1:
             return tuple(max(0.0, c) for c in coef)
-        cols.remove(neg[0])
+        cols.remove(min(neg, key=lambda i: coef[i]))
 
 
 def fit_affine(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -122,11 +133,11 @@ def _attention_profile(dev, dtype, repeats: int) -> dict:
     prof = {}
     for heads, d in ATTN_SHAPES:
         samples = attention_samples(heads, d, dev, dtype, repeats)
-        rows = [(tiles, 4 * d * heads * pairs) for pairs, tiles, _, _ in samples]
         entry = {}
-        for kind, idx, mult in (("fwd", 2, 1.0), ("bwd", 3, 2.5)):
-            fixed, per_tile, per_flop = fit_linear([(t, f * mult) for t, f in rows], [s[idx] for s in samples])
-            entry[kind] = [fixed, per_tile, 1.0 / per_flop if per_flop > 0 else 1e30]
+        for kind, idx, mult in (("fwd", 3, 1.0), ("bwd", 4, 2.5)):
+            rows = [(tiles, 4 * d * heads * pairs * mult, masked) for pairs, masked, tiles, *_ in samples]
+            fixed, per_tile, per_flop, per_masked = fit_linear(rows, [s[idx] for s in samples])
+            entry[kind] = [fixed, per_tile, 1.0 / per_flop if per_flop > 0 else 1e30, per_masked]
         prof[str(d)] = entry
     return prof
 
@@ -178,9 +189,41 @@ def _compute_load(dev, repeats: int, barrier=None) -> float:
         dev, repeats, before=barrier)
 
 
+# The compute between two collectives while they are timed: 12 matmuls of 256^3, about
+# 4 ms alone on one CPU thread (CP calls put a ring step's or a kernel's work there).
+SEGMENT = (12, 256)
+
+
+def _marginal_time(fn, segment, dev, repeats: int) -> float:
+    """Seconds that ``fn()`` adds to a loop of ``segment(); fn()`` (against ``segment()``
+    alone), each loop after a barrier. Measured so, a collective pays what it costs inside
+    a computing program: on CPU ranks that share cores, the ranks reach it at different
+    times (the scheduler's slices), which back-to-back calls never show."""
+    import torch.distributed as dist
+
+    def loop(with_op: bool) -> float:
+        dist.barrier()
+        sync_device(dev)
+        t0 = time.perf_counter()
+        for _ in range(4 * repeats):
+            segment()
+            if with_op:
+                fn()
+        sync_device(dev)
+        return (time.perf_counter() - t0) / (4 * repeats)
+
+    loop(True)  # warm-up
+    return max(0.0, statistics.median(loop(True) - loop(False) for _ in range(3)))
+
+
+SYNC = "@sync"  # suffix of an op timed after compute (:func:`_marginal_time`)
+
+
 def _rank_comm(device: str, sizes, repeats: int) -> dict:
-    """On every rank of a pool: median seconds of each op at each size (bytes per rank
-    received, as counted), and of :func:`_compute_load` run by every rank at once."""
+    """On every rank of a pool, at each size (bytes per rank received, as counted): each
+    op's median seconds back to back, and (key ``op`` + :data:`SYNC`) what it adds to a
+    computing loop (:func:`_marginal_time`); and :func:`_compute_load` run by every rank
+    at once."""
     import torch.distributed as dist
 
     from ctxpar.apps.launch import rank_device
@@ -191,6 +234,9 @@ def _rank_comm(device: str, sizes, repeats: int) -> dict:
     grp = resolve(None).ring
     n, r = grp.size, grp.rank
     res = {"compute": _compute_load(dev, repeats, dist.barrier)}
+    count, dim = SEGMENT
+    a = torch.randn(dim, dim, device=dev)
+    segment = lambda: [a @ a for _ in range(count)]  # noqa: E731
     for nbytes in sizes:
         e = max(1, nbytes // 4)
         x = torch.ones(e, device=dev)
@@ -205,24 +251,28 @@ def _rank_comm(device: str, sizes, repeats: int) -> dict:
         for op, (fn, recv) in ops.items():
             dist.barrier()
             res.setdefault(op, []).append((recv, _median_time(fn, dev, repeats)))
+            res.setdefault(op + SYNC, []).append((recv, _marginal_time(fn, segment, dev, repeats)))
     return res
 
 
 def _comm_profile(device: str, worlds, repeats: int) -> dict:
     from ctxpar.apps.launch import RankPool
 
-    out, compute = {}, {}
+    """``({n: {op: [latency_s, bytes_per_s]}}`` back to back, the same after compute,
+    ``{n: compute seconds}``) over each of ``worlds`` local ranks."""
+    from ctxpar.apps.launch import RankPool
+
+    out, after, compute = {}, {}, {}
     for n in worlds:
         with RankPool(n, backend="nccl" if device == "cuda" else "gloo", threads=1) as pool:
             per_rank = pool.run(_rank_comm, device, COMM_SIZES, repeats, timeout=300)
-        entry = {}
         compute[str(n)] = max(r.pop("compute") for r in per_rank)
-        for op in per_rank[0]:
-            pts = [(per_rank[0][op][i][0], max(r[op][i][1] for r in per_rank)) for i in range(len(COMM_SIZES))]
+        for key in per_rank[0]:
+            pts = [(per_rank[0][key][i][0], max(r[key][i][1] for r in per_rank)) for i in range(len(COMM_SIZES))]
             lat, per_byte = fit_affine([b for b, _ in pts], [t for _, t in pts])
-            entry[op] = [lat, 1.0 / per_byte if per_byte > 0 else 1e30]
-        out[str(n)] = entry
-    return out, compute
+            op, sync = key.removesuffix(SYNC), key.endswith(SYNC)
+            (after if sync else out).setdefault(str(n), {})[op] = [lat, 1.0 / per_byte if per_byte > 0 else 1e30]
+    return out, after, compute
 
 
 def calibrate(device: str = "cpu", worlds=(2, 4), repeats: int = 3) -> dict:
@@ -243,7 +293,7 @@ def calibrate(device: str = "cpu", worlds=(2, 4), repeats: int = 3) -> dict:
         mem_bw = _mem_bw(dev, dtype, repeats)
     finally:
         torch.set_num_threads(threads)
-    comm, together = _comm_profile(device, worlds, repeats)
+    comm, comm_sync, together = _comm_profile(device, worlds, repeats)
     slowdown = {n: t / alone for n, t in together.items()} if dev.type == "cpu" else {}
     if dev.type == "cuda":
         memory, name = torch.cuda.get_device_properties(dev).total_memory, torch.cuda.get_device_name(dev)
@@ -253,7 +303,7 @@ def calibrate(device: str = "cpu", worlds=(2, 4), repeats: int = 3) -> dict:
     return {"device": dev.type, "name": name, "dtype": str(dtype).replace("torch.", ""),
             "cores": (os.cpu_count() or 1) if dev.type == "cpu" else 0, "memory": memory,
             "sub_tile_rows": sub_tile_rows(dev), "attn": attn, "matmul": matmul, "mem_bw": mem_bw,
-            "comm": comm, "slowdown": slowdown, "probe_s": alone, "torch": torch.__version__, "load_avg": list(os.getloadavg()),
+            "comm": comm, "comm_sync": comm_sync, "slowdown": slowdown, "probe_s": alone, "torch": torch.__version__, "load_avg": list(os.getloadavg()),
             "seconds": time.perf_counter() - t0}
 
 

@@ -3,14 +3,20 @@
 Work comes from :mod:`ctxpar.apps.plan.work` (the library's own tile plans and byte
 formulas), seconds from :class:`ctxpar.apps.plan.rates.Rates`:
 
-- **attention**, per layer and rank: each step's tiles at the kernels' rate (a tile under
-  a causal band costs its visible pairs, as the fused kernels skip the masked part; a
-  windowed sub-tile its whole area) plus a per-call and a per-tile overhead; backward 2.5x
-  the forward's FLOPs (5 matmuls of the tile against 2). A ring step hides its transfer
-  when its compute is at least as long (``max(compute, transfer)``); the backward's
-  dK/dV partial sums ride with the K/V blocks, their last hop is exposed. All-gather
-  overlaps its gather with the diagonal tiles; its reduce-scatter and Ulysses'
-  all-to-alls are exposed. The slowest rank sets the time.
+- **attention**, per layer and rank: each step's tiles at the kernels' rate, counting the
+  pairs the kernel computes (a causal tile skips only whole blocks of the kernel's
+  blocking, :func:`~ctxpar.apps.plan.work.kernel_pairs`; a windowed sub-tile is its whole
+  area under a dense mask, which costs per pair besides), plus a per-call and a per-tile
+  overhead; backward 2.5x the forward's FLOPs (5 matmuls of the tile against 2).
+- **overlap**: a ring step hides its transfer when its compute is at least as long
+  (``max(compute, transfer)``), where the device can move data beside computing (GPUs;
+  CPU ranks with a spare core); on CPU ranks that fill every core the transfer's own CPU
+  work adds to the step. The backward's dK/dV partial sums ride with the K/V blocks,
+  their last hop is exposed. All-gather overlaps its gather with the diagonal tiles;
+  its reduce-scatter and Ulysses' all-to-alls are exposed, and the first collective
+  after a kernel also waits for the group's ranks to arrive (measured by the
+  calibration). Ranks sharing cores share them step by step; the slowest rank sets the
+  time.
 - **linear layers**: ``2·tokens·weights`` FLOPs forward, twice that backward, at the
   matmul rate; the LM head likewise; an In-Place TTT layer adds its chunk update and
   conv/projection FLOPs.
@@ -27,14 +33,14 @@ free), and the data-parallel gradient reduction beyond what overlaps the backwar
 """
 from __future__ import annotations
 
-import functools
-
 import dataclasses
+import functools
+import operator
 
 from ctxpar.apps.plan.rates import Rates
 from ctxpar.apps.plan.specs import ClusterSpec, ModelSpec, RunSpec
-from ctxpar.apps.plan.work import (CPChoice, attention_work, comm_bytes, layer_saved_elements,
-                                   local_heads, shard_spec, visible_pairs)
+from ctxpar.apps.plan.work import (CPChoice, attention_work, comm_bytes, kernel_pairs,
+                                   layer_saved_elements, local_heads, shard_spec, visible_pairs)
 
 __all__ = ["Estimate", "estimate", "attention_time", "USABLE_MEMORY", "static_bytes_per_param", "time_pairs"]
 
@@ -84,11 +90,11 @@ def static_bytes_per_param(run: RunSpec) -> int:
     return 16 if e == 4 else 18
 
 
-def time_pairs(tiles) -> int:
-    """Pairs the kernels compute for ``tiles`` (see the comment)."""
-    # A band open above (causal, or causal shifted) runs as the kernels' causal flag and
-    # costs its visible pairs; every other masked tile is evaluated whole.
-    return sum(visible_pairs(t) if t.band.hi is None else t.score_elements for t in tiles)
+def time_pairs(tiles, kernel: str) -> tuple[int, int]:
+    """``(pairs, masked)`` the fused ``kernel`` computes for ``tiles``, summed
+    (:func:`~ctxpar.apps.plan.work.kernel_pairs`)."""
+    both = [kernel_pairs(t, kernel) for t in tiles]
+    return sum(p for p, _ in both), sum(m for _, m in both)
 
 
 def _cross_node(group_span: int, cluster: ClusterSpec | None) -> bool:
@@ -107,11 +113,17 @@ def shared_finish(alone: list[float], factor) -> float:
 
 
 def _step_times(work, kind: str, flop_pair: float, rates: Rates, d: int, allgather: bool):
-    """Each rank's compute alone per step (``[rank][step]``); the all-gather's sources after
-    its own block run as one pass (it computes them back to back)."""
+    """Each rank's compute alone per step (``[rank][step]``; the call's fixed cost in its
+    first); the all-gather's sources after its own block run as one pass (it computes
+    them back to back)."""
     mult = BWD_FLOP_RATIO if kind == "bwd" else 1.0
-    per = [[rates.attention(kind, mult * flop_pair * time_pairs(w.tiles), len(w.tiles), d) for w in steps]
-           for steps in work]
+
+    def one(w, first):
+        pairs, masked = time_pairs(w.tiles, rates.kernel)
+        return rates.attention(kind, mult * flop_pair * pairs, len(w.tiles), d, masked_pairs=masked,
+                               calls=int(first))
+
+    per = [[one(w, s == 0) for s, w in enumerate(steps)] for steps in work]
     return [p[:1] + [sum(p[1:])] if allgather and len(p) > 1 else p for p in per]
 
 
@@ -130,10 +142,16 @@ def _attention_times(model, run, choice, rates: Rates, cluster, tp: int, local_r
     a2a_x = _cross_node(a2a_deg * tp, cluster)
     ring_x = _cross_node(choice.size * tp, cluster)
     a2a_t = 0.0
-    if a2a_deg > 1:  # four all-to-alls each way (q, k, v, out / dout, dq, dk, dv), exposed
-        a2a_t = 4 * rates.comm_time("all_to_all", by["fwd"]["all_to_all"] / 4, a2a_deg, a2a_x)
+    if a2a_deg > 1:
+        # Four all-to-alls each way, exposed: q (after the caller's compute), k, v, then
+        # out after the kernel; dout, then dq after the kernel, dk, dv.
+        one = by["fwd"]["all_to_all"] / 4
+        a2a_t = 2 * sum(rates.comm_time("all_to_all", one, a2a_deg, a2a_x, after_compute=after,
+                                        local_ranks=local_ranks)
+                        for after in (True, False))
     factor = functools.partial(rates.sharing, local_ranks=local_ranks)
     gathered = choice.method == "allgather"
+    overlap = max if rates.hides_transfers(local_ranks) else operator.add
 
     def per_step(kind):
         per = _step_times(work, kind, flop_pair, rates, d, gathered)
@@ -146,17 +164,18 @@ def _attention_times(model, run, choice, rates: Rates, cluster, tp: int, local_r
         n = spec.p2p
         blk = by["fwd"]["p2p"] / (len(fwd_c) - 1)  # one K/V block, bytes
         dkv = blk / run.elem * acc
-        x_kv = rates.comm_time("p2p", blk, n, ring_x)
-        x_both = rates.comm_time("p2p", blk + dkv, n, ring_x)
-        x_dkv = rates.comm_time("p2p", dkv, n, ring_x)
-        f = sum(max(c, x_kv) for c in fwd_c[:-1]) + fwd_c[-1]
-        b = sum(max(c, x_both) for c in bwd_c[:-1]) + max(bwd_c[-1], x_dkv) + x_dkv
+        x_kv, x_both, x_dkv = (rates.comm_time("p2p", nb, n, ring_x, local_ranks=local_ranks)
+                               for nb in (blk, blk + dkv, dkv))
+        f = sum(overlap(c, x_kv) for c in fwd_c[:-1]) + fwd_c[-1]
+        b = sum(overlap(c, x_both) for c in bwd_c[:-1]) + overlap(bwd_c[-1], x_dkv) + x_dkv
         exposed += (f - fwd) + (b - bwd)
         fwd, bwd = f, b
     elif gathered and choice.size > 1:
-        t_ag = rates.comm_time("all_gather", by["fwd"]["all_gather"], choice.size, ring_x)
-        t_rs = rates.comm_time("reduce_scatter", by["bwd"]["reduce_scatter"], choice.size, ring_x)
-        f = max(fwd_c[0], t_ag) + sum(fwd_c[1:])
+        t_ag = rates.comm_time("all_gather", by["fwd"]["all_gather"], choice.size, ring_x,
+                               local_ranks=local_ranks)
+        t_rs = rates.comm_time("reduce_scatter", by["bwd"]["reduce_scatter"], choice.size, ring_x,
+                               after_compute=True, local_ranks=local_ranks)
+        f = overlap(fwd_c[0], t_ag) + sum(fwd_c[1:])
         exposed += (f - fwd) + t_rs
         fwd, bwd = f, bwd + t_rs
     return fwd + a2a_t, bwd + a2a_t, exposed
@@ -247,9 +266,10 @@ def estimate(model: ModelSpec, run: RunSpec, choice: CPChoice, rates: Rates,
         bwd = L * (a_b + 2 * lin_f) + 2 * head_f + 2 * ttt_f + 2 * other / 3
     step = fwd + bwd
     peak = sum(mem.values())
-    # Model FLOPs: the linear work and the attention pairs a causal kernel must compute.
+    # Model FLOPs: the linear work and the visible attention pairs (not what a kernel's
+    # blocking or a dense mask computes beyond them).
     work = attention_work(run, choice, rates.sub_tile_rows)
-    pairs = sum(time_pairs(w.tiles) for steps in work for w in steps)
+    pairs = sum(visible_pairs(t) for steps in work for w in steps for t in w.tiles)
     hq_l = local_heads(model, choice, tp)[0]
     attn_flops = 4 * model.head_dim * hq_l * run.batch * pairs * L  # all ranks of the group
     dense = (lin * L + head + ttt * len(run.ttt_layers)) * choice.size

@@ -29,7 +29,7 @@ def _nearest(table: dict, key: float):
 @dataclasses.dataclass(frozen=True)
 class Rates:
     """Seconds per unit of work on one device (one rank). ``attn[head_dim][kind]`` =
-    ``(fixed_s, per_tile_s, flop_per_s)`` for kind "fwd"/"bwd"; ``matmul[k]`` = FLOP/s of
+    ``(fixed_s, per_tile_s, flop_per_s[, per_masked_pair_s])`` for kind "fwd"/"bwd"; ``matmul[k]`` = FLOP/s of
     a matmul with inner/outer size k; ``comm[n][op]`` = ``(latency_s, bytes_per_s)`` of
     ``op`` over n ranks (key "intra"/"inter" for presets: the link crossed)."""
 
@@ -46,10 +46,15 @@ class Rates:
     slowdown: dict = dataclasses.field(default_factory=dict)  # measured: local ranks -> factor
     load: float = 1.0  # compute slower than at calibration by this (validation tracks it)
     probe_s: float = 0.0  # the calibration's one-process probe (calibrate.probe), seconds
+    kernel: str = "cuda"  # whose causal blocking times a tile (ctxpar.apps.plan.work.KERNEL_BLOCKS)
+    comm_sync: dict = dataclasses.field(default_factory=dict)  # like comm, timed after compute
 
-    def attention(self, kind: str, flops: float, tiles: int, head_dim: int) -> float:
-        fixed, per_tile, rate = _nearest(self.attn, head_dim)[kind]
-        return fixed + per_tile * tiles + flops / rate
+    def attention(self, kind: str, flops: float, tiles: int, head_dim: int, *,
+                  masked_pairs: float = 0.0, calls: int = 1) -> float:
+        """Seconds of ``tiles`` kernel calls of ``flops`` in all, ``masked_pairs`` of their
+        pairs under dense masks (built per tile), in ``calls`` attention calls."""
+        fixed, per_tile, rate, *per_masked = _nearest(self.attn, head_dim)[kind]
+        return calls * fixed + per_tile * tiles + flops / rate + masked_pairs * sum(per_masked)
 
     def matmul_time(self, flops: float, k: int) -> float:
         return flops / _nearest(self.matmul, k)
@@ -57,14 +62,22 @@ class Rates:
     def elementwise(self, nbytes: float) -> float:
         return nbytes / self.mem_bw
 
-    def comm_time(self, op: str, nbytes: float, n: int, cross_node: bool = False) -> float:
-        """Seconds of one ``op`` receiving ``nbytes`` per rank over ``n`` ranks."""
+    def comm_time(self, op: str, nbytes: float, n: int, cross_node: bool = False, *,
+                  after_compute: bool = False, local_ranks: int = 0) -> float:
+        """Seconds of one ``op`` receiving ``nbytes`` per rank over ``n`` ranks; with
+        ``after_compute``, as the first collective after a kernel (the ranks arrive
+        apart: on CPU ranks sharing cores, by the scheduler's slices). On CPU a transfer
+        is CPU work, slowed by every rank sharing the cores: its cost is that measured
+        with ``max(n, local_ranks)`` ranks; the wait for the group's ranks to arrive
+        after compute, that measured with the group's ``n``."""
         if n <= 1 or nbytes <= 0:
             return 0.0
-        if "intra" in self.comm:
-            lat, bw = self.comm["inter" if cross_node else "intra"][op]
+        table = self.comm_sync if after_compute and self.comm_sync else self.comm
+        if "intra" in table:
+            lat, bw = table["inter" if cross_node else "intra"][op]
         else:
-            lat, bw = _nearest(self.comm, n)[op]
+            contended = self.cores and not after_compute
+            lat, bw = _nearest(table, max(n, local_ranks) if contended else n)[op]
         return lat + nbytes / bw
 
     def oversubscription(self, local_ranks: int) -> float:
@@ -76,6 +89,12 @@ class Rates:
         if str(local_ranks) in self.slowdown:
             return self.load * max(1.0, float(self.slowdown[str(local_ranks)]))
         return self.load * max(1.0, local_ranks / self.cores)
+
+    def hides_transfers(self, local_ranks: int) -> bool:
+        """Whether a transfer can run behind compute. A GPU's copy engines and NICs work
+        beside its SMs; on CPU a transfer is itself CPU work (gloo's threads, the loopback
+        copies), which a spare core can absorb but not one already running a rank."""
+        return not self.cores or local_ranks < self.cores
 
     def sharing(self, active: int, local_ranks: int) -> float:
         """How much slower a rank computes while ``active`` of the ``local_ranks`` ranks
@@ -105,7 +124,9 @@ def profile_rates(profile: dict) -> Rates:
                  float(max(profile["matmul"].values())), attn, dict(profile["matmul"]),
                  float(profile["mem_bw"]), comm, cores=int(profile.get("cores", 0)),
                  sub_tile_rows=int(profile["sub_tile_rows"]), source="profile",
-                 slowdown=dict(profile.get("slowdown", {})), probe_s=float(profile.get("probe_s", 0.0)))
+                 slowdown=dict(profile.get("slowdown", {})), probe_s=float(profile.get("probe_s", 0.0)),
+                 kernel="cpu_flash" if profile["device"] == "cpu" else "cuda",
+                 comm_sync={k: {op: tuple(v[op]) for op in COMM_OPS} for k, v in profile.get("comm_sync", {}).items()})
 
 
 def load_profile(path: str) -> Rates:

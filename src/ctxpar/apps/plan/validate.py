@@ -20,26 +20,31 @@ from ctxpar.apps.plan.rates import Rates
 from ctxpar.apps.plan.specs import ModelSpec, RunSpec
 from ctxpar.apps.plan.work import CPChoice
 
-__all__ = ["predict_cell", "validate_rows", "run_bench", "format_rows", "TOLERANCE", "default_cells",
+__all__ = ["cell_specs", "predict_cell", "validate_rows", "run_bench", "format_rows", "TOLERANCE", "default_cells",
            "measure_tracked"]
 
 TOLERANCE = 0.20
 
 
-def predict_cell(cell: dict, rates: Rates) -> tuple[float, float]:
-    """Predicted (fwd, fwd+bwd) seconds of one bench cell."""
+def cell_specs(cell: dict) -> tuple[ModelSpec, RunSpec, CPChoice]:
+    """A bench cell (one ``ctxpar.attention`` call's shapes, method and layout) as the
+    planner's model, run and CP choice."""
     h, d = cell["heads"], cell["head_dim"]
     model = ModelSpec("bench", 1, h * d, h, cell["kv_heads"], 1, 1, head_dim=d)
     run = RunSpec(cell["seq_len"], batch=cell["batch"], dtype=cell["dtype"], causal=cell["causal"])
-    n = cell["world"]
-    m = cell["method"]
+    n, m = cell["world"], cell["method"]
     if m == "hybrid":
         a2a, p2p = cell["hybrid"]
     elif m == "ulysses":
         a2a, p2p = n, 1
     else:
         a2a, p2p = 1, n
-    fwd, bwd = attention_time(model, run, CPChoice(m, a2a, p2p, cell["layout"]), rates, local_ranks=n)
+    return model, run, CPChoice(m, a2a, p2p, cell["layout"])
+
+
+def predict_cell(cell: dict, rates: Rates) -> tuple[float, float]:
+    """Predicted (fwd, fwd+bwd) seconds of one bench cell."""
+    fwd, bwd = attention_time(*cell_specs(cell), rates, local_ranks=cell["world"])
     return fwd, fwd + bwd
 
 

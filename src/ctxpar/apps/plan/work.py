@@ -23,7 +23,7 @@ from ctxpar.sequence.layouts import Segment
 from ctxpar.sequence.spec import ShardSpec, cp_multiple, padded_length
 
 __all__ = ["CPChoice", "StepWork", "shard_spec", "attention_work", "comm_bytes",
-           "layer_saved_elements", "visible_pairs"]
+           "layer_saved_elements", "visible_pairs", "kernel_pairs", "KERNEL_BLOCKS"]
 
 METHODS = ("ring", "ulysses", "allgather", "hybrid")
 
@@ -202,6 +202,50 @@ def visible_pairs(tile: Tile) -> int:
 
     cuts = sorted({m0, m1 + 1} | {c for c in (0, lq - lk) if m0 < c <= m1})
     return sum((f(a) + f(b - 1)) * (b - a) // 2 for a, b in zip(cuts, cuts[1:]))
+
+
+# How a fused kernel's causal flag skips work: per block of query rows it computes whole
+# blocks of keys, up to the block holding the block's last visible key.
+# - torch's CPU flash kernel splits queries into 256 rows from 768 rows on (64 from 192,
+#   else 32) and keys into 512 (all of them below 512). So a causal 512 x 512 tile costs
+#   a whole tile, 1024 three quarters, 2048 0.625: within 2% of the measured forward and
+#   backward at 256-3072 rows (one thread, 8 heads of 64).
+# - flash-attn's CUDA kernels work in 128 x 128 blocks: assumed, not measured here.
+KERNEL_BLOCKS = {
+    "cpu_flash": lambda lq, lk: (256 if lq >= 768 else 64 if lq >= 192 else 32, 512 if lk >= 512 else lk),
+    "cuda": lambda lq, lk: (128, 128),
+}
+
+
+def _causal_block_pairs(n: int, kernel: str) -> int:
+    """Pairs a fused kernel computes for a square causal ``n x n`` block."""
+    qb, kb = KERNEL_BLOCKS[kernel](n, n)
+    total = 0
+    for i0 in range(0, n, qb):
+        rows = min(qb, n - i0)
+        total += rows * min(n, -(-(i0 + rows) // kb) * kb)
+    return total
+
+
+def kernel_pairs(tile: Tile, kernel: str) -> tuple[int, int]:
+    """``(pairs, masked)``: the pairs the ``kernel`` (:data:`KERNEL_BLOCKS`) computes for
+    ``tile`` as ``ctxpar.attn.kernels.block_forward`` runs it, and how many of them lie
+    under a dense mask it builds. A band ``lo >= 0`` open above drops its first ``lo``
+    rows and runs the rest as a causal flag when that block is square
+    (:func:`_causal_block_pairs`); every other banded tile is a dense mask over the whole
+    tile; a full tile is the whole tile, unmasked."""
+    lq, lk, band = tile.q1 - tile.q0, tile.k1 - tile.k0, tile.band
+    if band.is_full:
+        return lq * lk, 0
+    if band.hi is not None or band.lo is None or band.lo < 0:
+        return lq * lk, lq * lk
+    rows = lq - band.lo
+    if rows <= 0:
+        return 0, 0
+    keys = lk if band.lo == 0 else min(lk, rows)
+    if keys == rows:
+        return _causal_block_pairs(rows, kernel), 0
+    return rows * keys, rows * keys
 
 
 def layer_saved_elements(model: ModelSpec, choice: CPChoice, *, tp: int = 1,
