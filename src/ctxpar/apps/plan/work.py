@@ -208,8 +208,8 @@ def visible_pairs(tile: Tile) -> int:
 # blocks of keys, up to the block holding the block's last visible key.
 # - torch's CPU flash kernel splits queries into 256 rows from 768 rows on (64 from 192,
 #   else 32) and keys into 512 (all of them below 512). So a causal 512 x 512 tile costs
-#   a whole tile, 1024 three quarters, 2048 0.625: within 2% of the measured forward and
-#   backward at 256-3072 rows (one thread, 8 heads of 64).
+#   a whole tile, 1024 three quarters, 2048 0.625: within 5% of the measured forward and
+#   backward at 256-3072 rows (one thread, 8 heads of 64; benchmarks/bench_causal_blocks.py).
 # - flash-attn's CUDA kernels work in 128 x 128 blocks: assumed, not measured here.
 KERNEL_BLOCKS = {
     "cpu_flash": lambda lq, lk: (256 if lq >= 768 else 64 if lq >= 192 else 32, 512 if lk >= 512 else lk),
