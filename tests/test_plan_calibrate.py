@@ -77,3 +77,38 @@ def test_a_collective_after_a_kernel_pays_the_ranks_arrival():
     with_sync = attention_time(model, run, choice, rates, local_ranks=2)[0]
     without = attention_time(model, run, choice, _rates(cores=2), local_ranks=2)[0]
     assert with_sync - without == pytest.approx(2 * 0.004)
+
+
+def test_validate_predicts_bench_cells_from_a_profile(tmp_path, capsys):
+    """``--validate --bench-results``: a written profile read back, one row per ctxpar
+    cell (peers left out) with the cost model's prediction beside the measurement."""
+    import json
+
+    from ctxpar.apps.cli import main
+    from ctxpar.apps.plan.calibrate import write_profile
+    from ctxpar.apps.plan.validate import cell_specs, predict_cell
+    from ctxpar.apps.plan.rates import load_profile
+
+    attn = {"64": {k: [1e-4, 1e-5, 5e10, 1e-9] for k in ("fwd", "bwd")}}
+    comm = {"2": {op: [1e-4, 1e9] for op in OPS}}
+    profile = {"device": "cpu", "name": "test", "memory": 8e9, "attn": attn, "matmul": {"64": 5e10},
+               "mem_bw": 5e9, "comm": comm, "comm_sync": {"2": {op: [2e-3, 1e9] for op in OPS}},
+               "cores": 2, "slowdown": {"2": 1.1}, "sub_tile_rows": 256, "probe_s": 0.05}
+    write_profile(profile, str(tmp_path / "p.json"))
+    base = dict(world=2, seq_len=1024, batch=1, heads=8, kv_heads=8, head_dim=64, dtype="float32",
+                causal=True, hybrid=None, peer=False, fwd_s=0.01, tot_s=0.04, tot_spread_s=0.001)
+    cells = [dict(base, method="ring", layout="zigzag"), dict(base, method="ulysses", layout="contiguous"),
+             dict(base, method="deepspeed-ulysses", layout="contiguous", peer=True)]
+    (tmp_path / "r.json").write_text(json.dumps({"cells": cells}))
+    assert main(["plan", "--validate", "--profile", str(tmp_path / "p.json"),
+                 "--bench-results", str(tmp_path / "r.json"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    rates = load_profile(str(tmp_path / "p.json"))
+    assert rates.kernel == "cpu_flash" and rates.comm_sync["2"]["all_to_all"] == (2e-3, 1e9)
+    assert [(r["method"], r["layout"]) for r in rows] == [("ring", "zigzag"), ("ulysses", "contiguous")]
+    for row, cell in zip(rows, cells):
+        assert row["pred_tot"] == pytest.approx(predict_cell(cell, rates)[1])
+        assert row["ratio"] == pytest.approx(row["pred_tot"] / 0.04)
+        assert row["ok"] == (abs(row["ratio"] - 1) <= 0.2)
+    model, run, choice = cell_specs(cells[1])
+    assert (choice.a2a, choice.p2p, model.heads, run.seq_len) == (2, 1, 8, 1024)
