@@ -240,6 +240,67 @@ def test_decode_cost_is_O_W_and_independent_of_the_prompt():
     assert max(allocated) <= 8 * 12 * w, allocated
 
 
+def _cp_prefill_worker(layout, lengths, total):
+    """This rank's prefill of a left-padded prompt through :func:`cached_forward`: its
+    outputs, the state, and the largest tensor any op allocated on the way."""
+    from ctxpar.sequence.layouts import get_layout
+    from ctxpar.sequence.spec import ShardSpec
+
+    layer = make_layer(torch.float64, chunk_size=4, layout=layout)
+    topo = resolve(None)
+    torch.manual_seed(5)
+    x = torch.randn(len(lengths), total, layer.down_proj.weight.shape[0], dtype=torch.float64)
+    mask = torch.ones(len(lengths), total, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        x[b, :total - n], mask[b, :total - n] = 0, 0
+    spec = ShardSpec.make(get_layout(layout), topo, total // topo.size, None)
+    pos = spec.positions(topo.rank, x.device)
+    xs = x[:, pos]
+    states, largest = TTTStates(), _Largest()
+    with largest:
+        out = cached_forward(layer, layer.activations(xs), xs, states, mask, topo, pos)
+    return pos, out, states.get(layer), largest.bytes
+
+
+class _Largest(torch.utils._python_dispatch.TorchDispatchMode):
+    """The largest storage any op returns."""
+
+    bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.bytes = max(self.bytes, t.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize("world,layout", [(2, "zigzag"), (3, "contiguous"), (4, "zigzag")])
+def test_cp_prefill_equals_one_process_in_a_shards_memory(run_ranks, world, layout):
+    """Under CP every rank's prompt outputs and decode state equal one process's, and no
+    op allocates the whole prompt's activations: the prompt passes through each rank a
+    shard's worth at a time (before, every rank summed the whole ``[B, S, D + F]``)."""
+    lengths, total = [46, 17], 48 if world != 3 else 54
+    results = run_ranks(world, _cp_prefill_worker, layout, lengths, total)
+    layer = make_layer(torch.float64, chunk_size=4, layout=layout)
+    torch.manual_seed(5)
+    x = torch.randn(len(lengths), total, layer.down_proj.weight.shape[0], dtype=torch.float64)
+    mask = torch.ones(len(lengths), total, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        x[b, :total - n], mask[b, :total - n] = 0, 0
+    states = TTTStates()
+    want = cached_forward(layer, layer.activations(x), x, states, mask, resolve(None), None)
+    ref = states.get(layer)
+    d, f = layer.down_proj.weight.shape
+    whole_prompt = len(lengths) * total * (d + f) * 8
+    for pos, out, state, largest in results:
+        torch.testing.assert_close(out, want[:, pos], rtol=1e-12, atol=1e-12)
+        for name in ("delta", "pending", "t_win", "z_win"):
+            torch.testing.assert_close(getattr(state, name), getattr(ref, name), rtol=1e-12, atol=1e-12)
+        assert state.fill == ref.fill
+        assert largest <= whole_prompt / world * 1.01, (largest, whole_prompt)
+
+
 # ----------------------------------------------------------------------------------- errors
 def test_generate_without_ttt_cache_raises():
     model = _converted()

@@ -24,10 +24,13 @@ and the last h activations. A decode token costs one ``[D, F]`` outer product pl
 ``z (W_0 + η delta)ᵀ``; a token that completes a chunk adds h outer products and folds
 ``clip(pending)`` into ``delta``: O(|W|) per token whatever the prompt length or chunk size.
 
-Under CP the prompt's activations and target sources are summed into every rank's full
-``[B, S, D + F]`` (one all-reduce of rows placed at their global positions) and every rank
-computes the rows' chunk grids itself: exact for any padding, replicated as the decode is,
-at O(S·(D + F)) memory per rank during the prefill (see README: what is left open).
+The prompt (:func:`prefill`): each row's real tokens are taken in global order and run a
+chunk at a time on the row's own grid (outputs under the fast weight so far, then the
+chunk's clipped ΔW), then its open chunk gives the decode state. Under CP the prompt
+passes through every rank in global order a shard's length at a time
+(:func:`prompt_windows`: one all-reduce of ``[B, S/N, D + F]`` per window): every rank
+builds the same state (the chunk work replicated, as the decode is) and the outputs of
+its own rows, exact for any padding, in O(S/N·(D + F)) memory.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ from ctxpar.numerics import acc_dtype
 from ctxpar.ttt.ops import chunk_delta, clip_delta, without_autocast
 
 __all__ = ["TTTState", "RowStreams", "TTTStates", "row_lengths", "prefill", "decode", "cached_forward",
-           "apply_fast_weight"]
+           "apply_fast_weight", "prompt_windows"]
 
 
 @dataclasses.dataclass
@@ -133,62 +136,120 @@ def apply_fast_weight(layer, z: torch.Tensor, delta: torch.Tensor) -> torch.Tens
     return (base + fast).to(z.dtype)
 
 
-def _roll(t: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Row b of ``t`` ``[B, S, X]`` rotated left by ``shift[b]``."""
-    s = t.shape[1]
-    idx = (torch.arange(s, device=t.device) + shift.view(-1, 1)) % s
-    return t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[2]))
+class _Row:
+    """One row's real prompt tokens as they arrive in global order: held until they make a
+    chunk, then the chunk's outputs (for this rank's tokens) and its ΔW."""
+
+    def __init__(self, first: int, z, source, local):
+        self.first = first  # global position of the row's first real token
+        self.z, self.source, self.local = [z[:0]], [source[:0]], [local[:0]]  # typed, empty
+        self.held = 0
+
+    def add(self, z, source, local) -> None:
+        self.z.append(z)
+        self.source.append(source)
+        self.local.append(local)
+        self.held += z.shape[0]
+
+    def take(self, n: int):
+        """The first ``n`` held tokens: ``(z [n, F], source [n, D], local rows [n])`` (the
+        pieces are joined once; the rest stays a view, so a long piece is not copied per
+        chunk)."""
+        z, source, local = (x[0] if len(x) == 1 else torch.cat(x) for x in (self.z, self.source, self.local))
+        self.z, self.source, self.local = [z[n:]], [source[n:]], [local[n:]]
+        self.held -= n
+        return z[:n], source[:n], local[:n]
 
 
-def _tail(t: torch.Tensor, ends: torch.Tensor, starts: torch.Tensor, n: int) -> torch.Tensor:
-    """The ``n`` rows of ``t`` ``[B, S, X]`` before ``ends[b]``, zero where before ``starts[b]``."""
-    idx = ends.view(-1, 1) - n + torch.arange(n, device=t.device)
-    keep = (idx >= starts.view(-1, 1)).unsqueeze(-1)
-    got = t.gather(1, idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, t.shape[2]))
-    return got * keep
+def _own_outputs(layer, out, b: int, z, local, delta) -> None:
+    """``out[b, local[i]]`` = the output of token i, for the tokens this rank holds
+    (``local >= 0``), under the fast weight ``delta`` ``[1, D, F]``."""
+    mine = local >= 0
+    if bool(mine.any()):
+        out[b, local[mine]] = apply_fast_weight(layer, z[mine].unsqueeze(0), delta)[0].to(out.dtype)
+
+
+def _tail(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The last ``n`` rows of ``t`` ``[m, X]``, zeros in front when it has fewer."""
+    return F.pad(t[max(0, t.shape[0] - n):], (0, 0, max(0, n - t.shape[0]), 0))
 
 
 @torch.no_grad()
-def prefill(layer, z: torch.Tensor, source: torch.Tensor, lengths: list[int]):
-    """The prompt: ``z`` ``[B, S, F]``, ``source`` ``[B, S, D]`` left-padded with row b's
-    ``lengths[b]`` real tokens last -> ``(out [B, S, D], RowStreams)``. Pad rows' outputs
-    are the plain MLP's."""
-    bsz, s, _ = z.shape
-    c, k = layer.config.chunk_size, layer.config.conv_kernel
-    h, acc = k // 2, acc_dtype(layer.down_proj.weight.dtype)
-    dev = z.device
-    lens = torch.tensor(lengths, device=dev)
-    real = (torch.arange(s, device=dev) < lens.view(-1, 1)).unsqueeze(-1)
-    zr, sr = _roll(z, s - lens) * real, _roll(source, s - lens) * real  # real tokens first
-    pad = -s % c
-    zr, sr = F.pad(zr, (0, 0, 0, pad)), F.pad(sr, (0, 0, 0, pad))
+def prefill(layer, z: torch.Tensor, source: torch.Tensor, lengths: list[int], *,
+            positions: torch.Tensor | None = None, pieces=None, total: int | None = None):
+    """The prompt of ``total`` tokens (default ``S_local``), left-padded with row b's
+    ``lengths[b]`` real tokens last -> ``(out [B, S_local, D], RowStreams)``. ``z`` ``[B,
+    S_local, F]`` and ``source`` ``[B, S_local, D]`` are this process's rows: the whole
+    prompt, or under CP this rank's shard at global ``positions`` ``[S_local]``, with
+    ``pieces`` yielding the whole prompt in global order as ``(z [B, n, F], source [B, n,
+    D], local [n])`` (``local``: each token's row in the shard, -1 where another rank
+    holds it; :func:`prompt_windows`). Every rank builds the same state and the outputs of
+    its own rows. Pad rows' outputs are the plain MLP's."""
+    bsz, s_local, _ = z.shape
+    c, dev = layer.config.chunk_size, z.device
+    acc = acc_dtype(layer.down_proj.weight.dtype)
+    if positions is None:
+        positions = torch.arange(s_local, device=dev)
+        pieces = [(z, source, positions)]
+    rows = [_Row((total or s_local) - n, z[0], source[0], positions) for n in lengths]
+    start = 0
     delta = torch.zeros(bsz, source.shape[2], z.shape[2], dtype=acc, device=dev)
-    pending = torch.zeros_like(delta)
-    outs = []
-    for i in range(0, s + pad, c):
-        z_i = zr[:, i:i + c]
-        outs.append(apply_fast_weight(layer, z_i, delta))
-        full = [b for b, n in enumerate(lengths) if n >= i + c]
-        open_ = [b for b, n in enumerate(lengths) if i <= n < i + c and n % c]
-        if not (full or open_):
-            continue
-        v_i = layer.targets(sr[:, i:i + c]).to(acc)
-        with without_autocast(dev.type):
-            if full:
-                dw, _ = chunk_delta(v_i[full], z_i[full].to(acc), layer.config.clip_tau)
-                delta[full] += dw
-            if open_:  # final tokens of the open chunk: p <= n - 1 - h
-                last = torch.tensor([lengths[b] - i - 1 - h for b in open_], device=dev)
-                keep = (torch.arange(c, device=dev) <= last.view(-1, 1)).unsqueeze(-1)
-                pending[open_] = torch.bmm(v_i[open_].transpose(1, 2), (z_i[open_] * keep).to(acc))
-    out = _roll(torch.cat(outs, 1)[:, :s], lens - s)
-    plain = layer.down_proj(z)
-    out = torch.where(real.flip(1), out, plain) if s else out  # pads (now first again): plain MLP
-    ends = lens
-    starts = lens - lens % c
-    state = RowStreams(delta, pending, _tail(sr, ends, starts, k - 1), _tail(zr, ends, starts, h),
-                       [n % c for n in lengths])
+    out = z.new_zeros(bsz, s_local, layer.down_proj.weight.shape[0])
+    for zp, sp, local in pieces:
+        for b, row in enumerate(rows):
+            a = max(0, row.first - start)
+            if a < zp.shape[1]:
+                row.add(zp[b, a:], sp[b, a:], local[a:])
+            while row.held >= c:  # a whole chunk: its outputs, then its ΔW
+                zc, sc, lc = row.take(c)
+                _own_outputs(layer, out, b, zc, lc, delta[b:b + 1])
+                v = layer.targets(sc.unsqueeze(0)).to(acc)
+                with without_autocast(dev.type):
+                    delta[b] += chunk_delta(v, zc.unsqueeze(0).to(acc), layer.config.clip_tau)[0][0]
+        start += zp.shape[1]
+    state = _open_chunks(layer, out, rows, delta, lengths)
+    pads = positions.view(1, -1) < torch.tensor([r.first for r in rows], device=dev).view(-1, 1)
+    if bool(pads.any()):
+        out = torch.where(pads.unsqueeze(-1), layer.down_proj(z).to(out.dtype), out)
     return out, state
+
+
+def _open_chunks(layer, out, rows: list[_Row], delta, lengths: list[int]) -> RowStreams:
+    """After the prompt: each row's open chunk (its last ``lengths[b] % C`` tokens, maybe
+    none) gives its outputs and the decode state (see the module docstring: only targets
+    whose conv window has arrived, ``p <= n - 1 - h``, enter ``pending``)."""
+    k = layer.config.conv_kernel
+    h, c = k // 2, layer.config.chunk_size
+    pending, t_win, z_win = torch.zeros_like(delta), [], []
+    for b, row in enumerate(rows):
+        zo, so, lo = row.take(row.held)
+        _own_outputs(layer, out, b, zo, lo, delta[b:b + 1])
+        n = zo.shape[0]
+        if n > h:
+            v = layer.targets(F.pad(so, (0, 0, 0, c - n)).unsqueeze(0))[0, :n - h].to(delta.dtype)
+            with without_autocast(zo.device.type):
+                pending[b] = v.transpose(0, 1) @ zo[:n - h].to(delta.dtype)
+        t_win.append(_tail(so, k - 1))
+        z_win.append(_tail(zo, h))
+    return RowStreams(delta, pending, torch.stack(t_win), torch.stack(z_win), [n % c for n in lengths])
+
+
+def prompt_windows(z: torch.Tensor, source: torch.Tensor, topo, positions: torch.Tensor):
+    """Under CP, the whole prompt in global order, ``S_local`` positions at a time, on every
+    rank: ``(z [B, S_local, F], source [B, S_local, D], local [S_local])`` (one all-reduce
+    per topology level of each window's rows placed in zeros; a sum with zeros is exact).
+    A rank holds one window at a time: O(S_local) memory, whatever the layout."""
+    bsz, n, d = source.shape
+    owner = torch.full((n * topo.size,), -1, dtype=torch.long, device=z.device)
+    owner[positions] = torch.arange(n, device=z.device)
+    rows = torch.cat([source, z.to(source.dtype)], 2)
+    for w0 in range(0, n * topo.size, n):
+        window = source.new_zeros(bsz, n, rows.shape[2])
+        here = (positions >= w0) & (positions < w0 + n)
+        window[:, positions[here] - w0] = rows[:, here]
+        for grp in (topo.ulysses, topo.ring):
+            all_reduce(grp, window)
+        yield window[..., d:].to(z.dtype), window[..., :d], owner[w0:w0 + n]
 
 
 @torch.no_grad()
@@ -227,18 +288,6 @@ def decode(layer, z: torch.Tensor, source: torch.Tensor, state: RowStreams):
     return torch.cat(outs, 1), state
 
 
-def gather_prompt(z: torch.Tensor, source: torch.Tensor, topo, positions: torch.Tensor):
-    """Every rank's ``z``/``source`` rows at their global ``positions``: ``[B, S, F]``,
-    ``[B, S, D]`` on every rank (one all-reduce per topology level of the rows placed in
-    zeros; a sum with zeros is exact)."""
-    bsz, n, d = source.shape
-    full = source.new_zeros(bsz, n * topo.size, d + z.shape[2])
-    full[:, positions] = torch.cat([source, z.to(source.dtype)], 2)
-    for grp in (topo.ulysses, topo.ring):
-        all_reduce(grp, full)
-    return full[..., d:].to(z.dtype), full[..., :d]
-
-
 def cached_forward(layer, z, source, states: TTTStates, mask, topo, positions):
     """A converted layer's forward inside ``generate()``: the prompt (this rank's shard
     under CP, rows at ``positions``; ``mask`` the full ``[B, S]`` left padding) or decode
@@ -247,9 +296,11 @@ def cached_forward(layer, z, source, states: TTTStates, mask, topo, positions):
     if state is not None:
         out, state = decode(layer, z, source, state)
     else:
+        lengths = row_lengths(mask, z.shape[0], z.shape[1] * topo.size)
         if topo.size > 1:
-            z, source = gather_prompt(z, source, topo, positions)
-        out, state = prefill(layer, z, source, row_lengths(mask, z.shape[0], z.shape[1]))
-        out = out[:, positions] if topo.size > 1 else out
+            out, state = prefill(layer, z, source, lengths, positions=positions, total=z.shape[1] * topo.size,
+                                 pieces=prompt_windows(z, source, topo, positions))
+        else:
+            out, state = prefill(layer, z, source, lengths)
     states.set(layer, state)
     return out
