@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from ctxpar.integrations.transformers import generate, register  # noqa: E402
 from ctxpar.integrations.ttt_generation import TTTCache  # noqa: E402
+from transformers.cache_utils import DynamicCache  # noqa: E402
 from ctxpar.ttt import InPlaceTTTMLP, convert  # noqa: E402
 from ctxpar.ttt.stream import TTTStates, cached_forward  # noqa: E402
 from ctxpar.dist.topology import resolve  # noqa: E402
@@ -309,12 +310,38 @@ def test_generate_without_ttt_cache_raises():
         model.generate(ids, max_new_tokens=3, pad_token_id=0)
 
 
-def test_right_padding_and_beam_search_raise():
+def test_right_padding_and_cropping_raise():
     model = _converted()
     ids, _ = _prompts([6, 6])
     right = torch.ones_like(ids)
     right[1, -2:] = 0
     with pytest.raises(ValueError, match="left padding.*row 1"):
         model.generate(ids, attention_mask=right, cache=TTTCache(model), max_new_tokens=2, pad_token_id=0)
-    with pytest.raises(ValueError, match="beam search"):
-        model.generate(ids, cache=TTTCache(model), max_new_tokens=3, num_beams=2, pad_token_id=0)
+    with pytest.raises(ValueError, match="cannot be cropped"):
+        TTTCache(model).crop(1)
+
+
+@pytest.mark.parametrize("lengths,beams", [([13, 6], 3), ([9], 4)])
+def test_beam_search_equals_full_forward_beams(lengths, beams):
+    """Beam search with a TTT cache (the fast-weight state reordered with the KV cache)
+    picks the beams, and scores them, as beam search without a cache does, where every
+    step is one full forward over each row's own prompt and beam (no padding)."""
+    model = _converted()
+    ids, mask = _prompts(lengths)
+    kw = dict(num_beams=beams, num_return_sequences=2, max_new_tokens=6, min_new_tokens=6, pad_token_id=0,
+              return_dict_in_generate=True, output_scores=True, length_penalty=1.0)
+    got = model.generate(ids, attention_mask=mask, cache=TTTCache(model), **kw)
+    s = ids.shape[1]
+    for b, n in enumerate(lengths):
+        want = model.generate(ids[b:b + 1, s - n:], use_cache=False, **kw)
+        rows = slice(2 * b, 2 * b + 2)
+        assert torch.equal(got.sequences[rows, s - n:], want.sequences), b
+        torch.testing.assert_close(got.sequences_scores[rows], want.sequences_scores, rtol=1e-9, atol=1e-9)
+    # The TTT state matters: reordering it as identity gives other beams or scores.
+    class Frozen(TTTCache):
+        def reorder_cache(self, beam_idx):
+            DynamicCache.reorder_cache(self, beam_idx)
+
+    other = model.generate(ids, attention_mask=mask, cache=Frozen(model), **kw)
+    assert not (torch.equal(other.sequences, got.sequences)
+                and torch.allclose(other.sequences_scores, got.sequences_scores, rtol=1e-9, atol=0))

@@ -18,13 +18,15 @@ fast weight after the prompt and decodes with no TTT communication.
 Greedy search and sampling work, with a left-padded batch of prompts of any lengths: pad
 tokens are left out of the fast-weight update and each row's chunk grid starts at its first
 real token, so a padded row generates what it generates alone
-(:mod:`ctxpar.ttt.stream`). Beam search, assisted decoding and cache cropping need the
-TTT state reordered or rewound; they raise ValueError. Without a TTT cache,
+(:mod:`ctxpar.ttt.stream`). Beam search reorders the TTT state with the KV cache (each
+beam continues from the fast weight of the beam it extends). Assisted decoding and cache
+cropping would need a fast-weight update undone; they raise ValueError. Without a TTT cache,
 ``model.generate(ids)`` on a converted model raises ValueError at its first decode step
 instead of decoding without the prompt's fast weights.
 """
 from __future__ import annotations
 
+import torch
 from transformers.cache_utils import DynamicCache
 
 from ctxpar.ttt.stream import TTTStates
@@ -53,19 +55,19 @@ class TTTCache(DynamicCache):
         self.ttt_states.clear()
 
     def reorder_cache(self, beam_idx) -> None:
-        raise ValueError("TTTCache does not support beam search (num_beams > 1): the fast-weight "
-                         "state of a beam is not reordered")
+        """Beam search: each beam continues from the state of the beam it extends."""
+        super().reorder_cache(beam_idx)
+        self.ttt_states.select_rows(beam_idx)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError(f"TTTCache cannot be cropped ({tokens_to_remove}): a fast-weight update "
                          "is not undone (assisted decoding and prompt lookup are unsupported)")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if len(self.ttt_states):  # before the prompt (num_return_sequences) there is no state
-            raise ValueError(f"TTTCache cannot repeat the rows of its fast-weight state ({repeats} times)")
         super().batch_repeat_interleave(repeats)
+        if self.ttt_states.batch_size is not None:
+            self.ttt_states.select_rows(torch.arange(self.ttt_states.batch_size).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices) -> None:
-        if len(self.ttt_states):
-            raise ValueError("TTTCache cannot select rows of its fast-weight state")
         super().batch_select_indices(indices)
+        self.ttt_states.select_rows(torch.as_tensor(indices))

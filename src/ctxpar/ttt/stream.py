@@ -75,6 +75,12 @@ class RowStreams:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.delta, self.pending, self.t_win, self.z_win))
 
+    def rows(self, index: torch.Tensor) -> "RowStreams":
+        """The state of rows ``index`` ``[B']`` (beam search reorders, repeats select)."""
+        index = index.to(self.delta.device)
+        return RowStreams(self.delta[index], self.pending[index], self.t_win[index], self.z_win[index],
+                          [self.fill[i] for i in index.tolist()])
+
 
 class TTTStates:
     """The TTT part of a generation cache: a :class:`RowStreams` per converted layer (keyed
@@ -91,6 +97,15 @@ class TTTStates:
 
     def clear(self) -> None:
         self._states.clear()
+
+    @property
+    def batch_size(self) -> int | None:
+        """Rows of the state (None before the prompt)."""
+        return next((s.delta.shape[0] for s in self._states.values()), None)
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Every layer's state keeps rows ``index`` (:meth:`RowStreams.rows`)."""
+        self._states = {layer: state.rows(index) for layer, state in self._states.items()}
 
     def __len__(self) -> int:
         return len(self._states)
