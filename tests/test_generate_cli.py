@@ -41,6 +41,15 @@ def test_train_saves_and_generate_loads(tmp_path):
     assert kv and abs(3 * float(kv.group(1)) - float(kv.group(4))) < 0.02, out
 
 
+def test_hybrid_mesh_generates_what_one_process_does():
+    out = _ok(_ctxpar("generate", "--hcp", "2", "2", "--layout", "contiguous", "--seq-len", "128",
+                      "--prompts", "2", "--new-tokens", "3"))
+    assert "ctxpar generate: 4 ranks (mesh [a2a, p2p] = [2, 2])" in out
+    assert "tokens equal single-process generate(): yes" in out
+    assert re.search(r"KV cache bytes: rank 0 [\d.]+ MiB, rank 1 [\d.]+ MiB, rank 2 [\d.]+ MiB, "
+                     r"rank 3 [\d.]+ MiB; one process", out), out
+
+
 def test_random_model_says_so():
     out = _ok(_ctxpar("generate", "--seq-len", "128", "--prompts", "3", "--new-tokens", "3"))
     assert "model: random (no --model given" in out
@@ -50,6 +59,7 @@ def test_random_model_says_so():
 
 @pytest.mark.parametrize("args,named", [
     (["--method", "ring"], "--method"), (["--new-tokens", "0"], "--new-tokens 0"),
+    (["--hcp", "0", "2"], "--hcp 0 2"),
     (["--model", "/nonexistent/ctxpar"], "--model /nonexistent/ctxpar")])
 def test_bad_flags_are_refused(args, named):
     proc = _ctxpar("generate", *args, timeout=60)

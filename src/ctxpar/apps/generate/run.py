@@ -33,6 +33,7 @@ class GenerateConfig:
     seq_len: int = 0
     seed: int = 0
     reference: bool = True
+    hcp: tuple[int, int] | None = None  # [a2a, p2p] of a hybrid mesh (cp_mesh); None: 1-D
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="local processes to spawn (ignored under torchrun)")
     p.add_argument("--method", default=d.method, help="prefill: pass-kv, pass-q or auto")
     p.add_argument("--layout", default=d.layout, help="contiguous, zigzag or striped")
+    p.add_argument("--hcp", type=int, nargs=2, metavar=("A", "P"), default=None,
+                   help="a hybrid mesh: hierarchical_context_parallel_sizes [a2a, p2p] "
+                        "(Ulysses x ring ranks; --nproc becomes A*P)")
     p.add_argument("--prompts", type=int, default=d.prompts, help="prompts in the batch")
     p.add_argument("--new-tokens", type=int, default=d.new_tokens, help="tokens to decode")
     p.add_argument("--seq-len", type=int, default=d.seq_len,
@@ -71,6 +75,12 @@ def config_from_args(args: argparse.Namespace) -> GenerateConfig:
                                ("--new-tokens", args.new_tokens, 1)):
         if value < least:
             raise SystemExit(f"ctxpar generate: {flag} must be >= {least}; got {flag} {value}")
+    if args.hcp is not None:
+        if min(args.hcp) < 1:
+            raise SystemExit(f"ctxpar generate: --hcp sizes must be >= 1; got --hcp {args.hcp[0]} {args.hcp[1]}")
+        if "WORLD_SIZE" not in os.environ:
+            args.nproc = args.hcp[0] * args.hcp[1]
+        args.hcp = tuple(args.hcp)
     if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
         raise SystemExit(f"ctxpar generate: --model {args.model}: no config.json there (a "
                          f"folder written by `ctxpar train --out DIR`)")
@@ -86,7 +96,9 @@ def summary(m: dict) -> str:
     """The printed report of ``ctxpar generate``."""
     c, ref = m["config"], m.get("reference")
     lines = ["", "=" * 72,
-             f"ctxpar generate: {m['world']} ranks, prefill method={c['method']}, "
+             f"ctxpar generate: {m['world']} ranks"
+             + (f" (mesh [a2a, p2p] = {list(c['hcp'])})" if c.get("hcp") else "")
+             + f", prefill method={c['method']}, "
              f"layout={c['layout']}, {m['dtype']}",
              f"model: {m['source']}",
              f"prompts: {c['prompts']} held-out recall prompts of {m['prompt_lengths'][0]}.."

@@ -137,12 +137,16 @@ def generate_worker(cfg: GenerateConfig) -> dict | None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     quiet_transformers()
-    grp = resolve(None).ring
-    name = register("ctxpar_generate", layout=cfg.layout)
+    grp = resolve(None).ring  # every rank: the metrics are gathered over the world
+    group = None
+    if cfg.hcp:
+        from ctxpar.dist.mesh import cp_mesh
+        group = cp_mesh(hierarchical_context_parallel_sizes=list(cfg.hcp), device_type="cpu")
+    name = register("ctxpar_generate", group=group, layout=cfg.layout)
     model, task, source = load(cfg, name)
     prompts = held_out_prompts(task, cfg.seed, cfg.prompts)
     sync = functools.partial(all_reduce, grp, torch.zeros(1))
-    call = functools.partial(generate, model, method=cfg.method, layout=cfg.layout)
+    call = functools.partial(generate, model, group=group, method=cfg.method, layout=cfg.layout)
     with torch.no_grad():
         got = _run(call, prompts, cfg.new_tokens, sync)
     kv = all_gather(grp, torch.tensor([got["cache"].kv_bytes])).flatten().tolist()
