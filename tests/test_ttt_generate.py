@@ -241,14 +241,17 @@ def test_decode_cost_is_O_W_and_independent_of_the_prompt():
     assert max(allocated) <= 8 * 12 * w, allocated
 
 
-def _cp_prefill_worker(layout, lengths, total):
-    """This rank's prefill of a left-padded prompt through :func:`cached_forward`: its
-    outputs, the state, and the largest tensor any op allocated on the way."""
+def _cp_prefill_worker(layout, lengths, total, mesh=None):
+    """This rank's prefill of a left-padded prompt through :func:`cached_forward` (on a
+    ``cp_mesh`` of ``mesh`` = [a2a, p2p] if given): its outputs, the state, and the
+    largest tensor any op allocated on the way."""
+    from ctxpar.dist.mesh import cp_mesh
     from ctxpar.sequence.layouts import get_layout
     from ctxpar.sequence.spec import ShardSpec
 
-    layer = make_layer(torch.float64, chunk_size=4, layout=layout)
-    topo = resolve(None)
+    group = None if mesh is None else cp_mesh(hierarchical_context_parallel_sizes=list(mesh))
+    layer = make_layer(torch.float64, group=group, chunk_size=4, layout=layout)
+    topo = resolve(group)
     torch.manual_seed(5)
     x = torch.randn(len(lengths), total, layer.down_proj.weight.shape[0], dtype=torch.float64)
     mask = torch.ones(len(lengths), total, dtype=torch.long)
@@ -276,13 +279,15 @@ class _Largest(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("world,layout", [(2, "zigzag"), (3, "contiguous"), (4, "zigzag")])
-def test_cp_prefill_equals_one_process_in_a_shards_memory(run_ranks, world, layout):
-    """Under CP every rank's prompt outputs and decode state equal one process's, and no
-    op allocates the whole prompt's activations: the prompt passes through each rank a
-    shard's worth at a time (before, every rank summed the whole ``[B, S, D + F]``)."""
+@pytest.mark.parametrize("world,layout,mesh", [(2, "zigzag", None), (3, "contiguous", None),
+                                               (4, "zigzag", None), (4, "zigzag", (2, 2))])
+def test_cp_prefill_equals_one_process_in_a_shards_memory(run_ranks, world, layout, mesh):
+    """Under CP (1-D, or a hybrid mesh) every rank's prompt outputs and decode state equal
+    one process's, and no op allocates the whole prompt's activations: the prompt passes
+    through each rank a shard's worth at a time (before, every rank summed the whole
+    ``[B, S, D + F]``)."""
     lengths, total = [46, 17], 48 if world != 3 else 54
-    results = run_ranks(world, _cp_prefill_worker, layout, lengths, total)
+    results = run_ranks(world, _cp_prefill_worker, layout, lengths, total, mesh)
     layer = make_layer(torch.float64, chunk_size=4, layout=layout)
     torch.manual_seed(5)
     x = torch.randn(len(lengths), total, layer.down_proj.weight.shape[0], dtype=torch.float64)
