@@ -181,11 +181,11 @@ def test_state_machine_equals_forward(chunk, kernel, proj, clip, lengths, dtype)
 
 class _Counter(torch.utils._python_dispatch.TorchDispatchMode):
     """Bytes of the new storage every op returns (what a step allocates; views and
-    in-place results are not new) and the op count."""
+    in-place results are not new), the largest such storage, and the op count."""
 
     def __init__(self):
         super().__init__()
-        self.bytes = self.ops = 0
+        self.bytes = self.largest = self.ops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         seen = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
@@ -195,6 +195,7 @@ class _Counter(torch.utils._python_dispatch.TorchDispatchMode):
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
                 self.bytes += t.untyped_storage().nbytes()
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
         return out
 
 
@@ -260,23 +261,10 @@ def _cp_prefill_worker(layout, lengths, total, mesh=None):
     spec = ShardSpec.make(get_layout(layout), topo, total // topo.size, None)
     pos = spec.positions(topo.rank, x.device)
     xs = x[:, pos]
-    states, largest = TTTStates(), _Largest()
-    with largest:
+    states, count = TTTStates(), _Counter()
+    with count:
         out = cached_forward(layer, layer.activations(xs), xs, states, mask, topo, pos)
-    return pos, out, states.get(layer), largest.bytes
-
-
-class _Largest(torch.utils._python_dispatch.TorchDispatchMode):
-    """The largest storage any op returns."""
-
-    bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.bytes = max(self.bytes, t.untyped_storage().nbytes())
-        return out
+    return pos, out, states.get(layer), count.largest
 
 
 @pytest.mark.parametrize("world,layout,mesh", [(2, "zigzag", None), (3, "contiguous", None),
