@@ -95,6 +95,25 @@ def test_hybrid_mesh_greedy_matches_single_process(run_ranks, kind, layout, meth
         assert shape == (len(lengths), 13 + 32)
 
 
+BEAMS = dict(max_new_tokens=10, min_new_tokens=10, num_beams=3, num_return_sequences=2,
+             output_scores=True)
+
+
+@pytest.mark.parametrize("world,kind,layout,method,dt,mesh", [
+    (2, "llama", "zigzag", "auto", "float64", None),
+    (3, "qwen3", "contiguous", "pass-q", "float32", None),
+    (4, "llama", "zigzag", "pass-kv", "float64", [2, 2])])
+def test_beam_search_matches_single_process(run_ranks, world, kind, layout, method, dt, mesh):
+    """Beam search (3 beams, 2 returned per prompt, a left-padded batch): each rank's
+    shard follows the beams (``CPCache.reorder_cache``), so the sequences equal one
+    process's and every step's logits are within tolerance."""
+    registered = "ring" if mesh is None else "hybrid"
+    for same, err, shape in run_ranks(world, _compare, kind, dt, layout, method, [13, 6], BEAMS, 11,
+                                      registered, mesh):
+        assert same and err < TOL[dt], (same, err)
+        assert shape == (4, 13 + 10)
+
+
 def test_sampling_eos_and_logits_processor(run_ranks):
     """Ranks seeded differently still sample rank 0's tokens (those of one process seeded
     alike); eos stops early; a logits processor applies."""
@@ -118,8 +137,8 @@ def _bad_call(case: str):
             generate(model, ids + rank, **kw)
         elif case == "option":
             generate(model, ids, max_new_tokens=2 + rank, pad_token_id=0)
-        elif case == "beams":
-            generate(model, ids, num_beams=2, **kw)
+        elif case == "no cache":
+            generate(model, ids, use_cache=False, **kw)
         else:
             generate(model, ids, layout="contiguous", **kw)
     except ValueError as e:
@@ -129,7 +148,7 @@ def _bad_call(case: str):
 
 @pytest.mark.parametrize("case,match", [
     ("prompt", "input_ids checksum differs"), ("option", "generation options differ"),
-    ("beams", "num_beams"), ("layout", "layout='contiguous'.*layout='zigzag'")])
+    ("no cache", "use_cache"), ("layout", "layout='contiguous'.*layout='zigzag'")])
 def test_bad_input_same_error_everywhere(run_ranks, case, match):
     errors = run_ranks(2, _bad_call, case)
     assert errors[0] == errors[1], errors

@@ -145,6 +145,32 @@ def test_cp_generate_equals_full_forward(run_ranks, world, layout, lengths, opti
         assert err < TOL[torch.float64] and err_first < 1e-5, (err, err_first)
 
 
+BEAM_KW = dict(num_beams=3, num_return_sequences=2, max_new_tokens=6, min_new_tokens=6, pad_token_id=0,
+               return_dict_in_generate=True, output_scores=True)
+
+
+def _cp_beam_worker(layout, lengths):
+    name = register(f"ctxpar_tttbeam_{layout}", layout=layout)
+    model = _converted("llama", torch.float64, layout=layout)
+    model.set_attn_implementation(name)
+    ids, mask = _prompts(lengths)
+    out = generate(model, ids, attention_mask=mask, layout=layout, **BEAM_KW)
+    return out.sequences, out.sequences_scores
+
+
+@pytest.mark.parametrize("world,layout", [(2, "zigzag"), (3, "contiguous")])
+def test_cp_beam_search_equals_one_process(run_ranks, world, layout):
+    """Under CP the fast-weight state follows the beams with the KV shards: every rank's
+    beams and scores equal one process's beam search with a :class:`TTTCache`."""
+    lengths = [13, 6]
+    reference = _converted("llama", torch.float64, layout=layout)
+    ids, mask = _prompts(lengths)
+    want = reference.generate(ids, attention_mask=mask, cache=TTTCache(reference), **BEAM_KW)
+    for seqs, scores in run_ranks(world, _cp_beam_worker, layout, lengths):
+        assert torch.equal(seqs, want.sequences)
+        torch.testing.assert_close(scores, want.sequences_scores, rtol=1e-9, atol=1e-9)
+
+
 # ------------------------------------------------------------------- the layer's state machine
 F64 = torch.float64
 

@@ -129,6 +129,13 @@ class KVShard:
         """Refuse a shard of another CP group or layout, naming both."""
         check_setup(self.group, self.layout, topo, layout)
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` ``[B']`` (beam search: each beam continues the row it
+        extends). Slots and counts are per token, the same for every row."""
+        index = index.to(self.k.device)
+        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+        self.valid = self.valid.index_select(0, index.to(self.valid.device))
+
     def append(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
                valid: torch.Tensor, added: tuple[int, ...]) -> None:
         """Keep ``k``/``v`` ``[B, m, Hkv, D]`` at ``slots`` ``[m]``; ``added[r]`` tokens were

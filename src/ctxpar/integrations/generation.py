@@ -24,6 +24,10 @@ that feed each rank its share of the prompt.
    empty cache is a ring prefill that also honours the per-row padded keys, which the
    training methods do not take).
 
+Beam search: every rank computes the same logits, so the same ``beam_idx``; each rank's
+shard (and In-Place TTT state) keeps the rows of the beams that continue
+(:meth:`CPCache.reorder_cache`).
+
 On a hierarchical mesh (``ctxpar.cp_mesh``, the hybrid method's group) each CP rank holds
 the hybrid layout's share of the prompt; the prefills travel one flat tour of all CP ranks
 (:func:`ctxpar.attn.decode.ring_tour`) and decode merges over both axes.
@@ -59,7 +63,7 @@ UNSUPPORTED = ("assistant_model", "prompt_lookup_num_tokens", "inputs_embeds", "
                "output_hidden_states", "synced_gpus", "negative_prompt_ids", "penalty_alpha",
                "dola_layers", "assistant_early_exit")
 #: Generation-config fields that must keep their single-sequence values.
-_MUST_BE = {"num_beams": 1, "num_return_sequences": 1, "use_cache": True}
+_MUST_BE = {"use_cache": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +108,11 @@ class CPShardLayer(CacheLayerMixin):
             self.shard.append_prefill(k, v, step.slots, step.valid)
         return key_states, value_states
 
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: this rank's shard keeps the rows of the beams that continue."""
+        if self.shard is not None:
+            self.shard.select_rows(beam_idx)
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
@@ -132,6 +141,12 @@ class CPCache(Cache):
     @property
     def kv_bytes(self) -> int:
         return sum(layer.shard.nbytes for layer in self.layers if layer.shard is not None)
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: every layer's shard and In-Place TTT state follow the beams (the
+        same ``beam_idx`` on every rank: the ranks hold the same logits)."""
+        super().reorder_cache(beam_idx)
+        self.ttt_states.select_rows(beam_idx)
 
     def check_belongs(self, topo: CPTopology, layout: str) -> None:
         """Refuse use with another CP group or layout than the cache was made for."""
@@ -288,8 +303,9 @@ def generate(model, input_ids: torch.Tensor, *, group=None, method: str = "auto"
     "pass-q" or "auto", see :func:`ctxpar.attn.decode.choose_prefill`); ``layout``: how
     the prompt is split. ``input_ids`` ``[B, S]`` with an optional left-padding
     ``attention_mask`` ``[B, S]``. Greedy search, sampling, ``max_new_tokens``,
-    ``eos_token_id`` and logits processors work; beam search, assisted decoding, a user
-    cache and attention/hidden-state outputs raise ValueError naming the option, as do
+    ``eos_token_id``, logits processors, ``num_return_sequences`` and beam search work (the
+    cache reorders each rank's shard); assisted decoding, a user cache and
+    attention/hidden-state outputs raise ValueError naming the option, as do
     arguments that differ between ranks, and new tokens that differ between ranks at any
     step (checked after every token selection; the same error on every rank)."""
     _refuse_unsupported(model, generate_kwargs)
