@@ -15,9 +15,9 @@ CP, :func:`ctxpar.integrations.transformers.generate` does the same with its sha
 ``CPCache``, which carries a ``TTTStates`` too; every rank then holds every row's full
 fast weight after the prompt and decodes with no TTT communication.
 
-Greedy search, sampling and beam search work, with a left-padded batch of prompts of any lengths: pad
-tokens are left out of the fast-weight update and each row's chunk grid starts at its first
-real token, so a padded row generates what it generates alone
+Greedy search, sampling and beam search work, with a left-padded batch of prompts of any
+lengths: pad tokens are left out of the fast-weight update and each row's chunk grid starts
+at its first real token, so a padded row generates what it generates alone
 (:mod:`ctxpar.ttt.stream`). Beam search reorders the TTT state with the KV cache (each
 beam continues from the fast weight of the beam it extends). Assisted decoding and cache
 cropping would need a fast-weight update undone; they raise ValueError. Without a TTT cache,
