@@ -95,6 +95,19 @@ def test_hybrid_mesh_greedy_matches_single_process(run_ranks, kind, layout, meth
         assert shape == (len(lengths), 13 + 32)
 
 
+@pytest.mark.parametrize("world,layout", [(2, "zigzag"), (3, "contiguous")])
+def test_length_limits_and_processors_read_the_prompt_as_given(run_ranks, world, layout):
+    """The prompt is padded for the layout inside the prefill, not in what generate()
+    sees: ``max_length`` counts the prompt as given (13 tokens, padded to 16 or 15 inside)
+    and processors that read ``input_ids`` see no extra pad tokens (before, CP returned 17
+    tokens for ``max_length=20``, 3 short)."""
+    options = dict(max_length=20, min_length=19, repetition_penalty=1.3, no_repeat_ngram_size=2)
+    for same, err, shape in run_ranks(world, _compare, "llama", "float64", layout, "auto", [13, 6],
+                                      options, 11):
+        assert same and err < TOL["float64"], (same, err)
+        assert shape == (2, 20)
+
+
 BEAMS = dict(max_new_tokens=10, min_new_tokens=10, num_beams=3, num_return_sequences=2,
              output_scores=True)
 
@@ -116,13 +129,16 @@ def test_beam_search_matches_single_process(run_ranks, world, kind, layout, meth
 
 def test_sampling_eos_and_logits_processor(run_ranks):
     """Ranks seeded differently still sample rank 0's tokens (those of one process seeded
-    alike); eos stops early; a logits processor applies."""
+    alike); eos stops early; a logits processor applies; several samples per prompt."""
     procs = transformers.LogitsProcessorList([transformers.RepetitionPenaltyLogitsProcessor(1.5)])
     options = dict(max_new_tokens=24, do_sample=True, top_k=8, logits_processor=procs,
                    eos_token_id=[3, 7])
     res = run_ranks(2, _compare, "llama", "float64", "zigzag", "auto", [13, 6], options, 11)
     res_other = run_ranks(2, _compare, "qwen3", "float32", "contiguous", "pass-kv", [9], options, 11)
-    for same, err, _ in res + res_other:
+    several = dict(options, num_return_sequences=3)
+    res_several = run_ranks(2, _compare, "llama", "float64", "zigzag", "auto", [13, 6], several, 11)
+    assert res_several[0][2][0] == 6  # 3 samples of each of the 2 prompts
+    for same, err, _ in res + res_other + res_several:
         assert same and err < TOL["float32"], (same, err)
 
 

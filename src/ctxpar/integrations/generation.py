@@ -4,16 +4,17 @@ that feed each rank its share of the prompt.
 :func:`generate` (re-exported as ``ctxpar.integrations.transformers.generate``) wraps
 ``model.generate`` on every rank of the CP group:
 
-1. The prompt ``[B, S]`` (identical on every rank) is left-padded to a multiple of the
-   layout's ``cp_multiple`` (pads are masked keys, as HF's own left padding is), and the
-   ranks' CPU (and CUDA) RNG states are set to rank 0's, so that sampling draws the same
-   tokens everywhere.
+1. The ranks' CPU (and CUDA) RNG states are set to rank 0's, so that sampling draws the
+   same tokens everywhere. ``model.generate`` gets the prompt ``[B, S]`` (identical on
+   every rank) as given.
 2. A :class:`CPCache` (a ``transformers.Cache`` through its public API, one
    :class:`CPShardLayer` per layer) holds this rank's :class:`~ctxpar.attn.kvcache.KVShard`:
    the keys and values of the prompt tokens the layout gives it, then of the decode tokens
    it owns (round-robin, ``slot mod N``).
 3. A forward pre-hook turns HF's prefill call into this rank's share (``input_ids`` and
-   HF's own ``position_ids``, sharded; the padding mask becomes the cache's per-row key
+   HF's own ``position_ids`` left-padded to a multiple of the layout's ``cp_multiple``,
+   then sharded: pads that HF never sees, so its length limits and logits processors
+   read the prompt as given; the padding mask becomes the cache's per-row key
    validity; ``logits_to_keep`` selects the last prompt token on the rank that holds it),
    and a forward hook broadcasts that token's logits ``[B, 1, V]``: the only logits
    shared. Decode steps (one token, the same on every rank) run replicated; their
@@ -40,6 +41,7 @@ import zlib
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
@@ -117,8 +119,9 @@ class CPShardLayer(CacheLayerMixin):
         return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
-        """Tokens of the whole group's cache (slots used), not of this rank's shard."""
-        return 0 if self.shard is None else self.shard.total
+        """Tokens of the whole group's cache as ``generate()`` counts them (slots used, less
+        the pads :func:`_before_forward` added), not of this rank's shard."""
+        return 0 if self.shard is None else self.shard.total - self.cache.hidden_pads
 
     def get_max_length(self) -> int:
         return -1
@@ -135,6 +138,8 @@ class CPCache(Cache):
         self.topo, self.layout, self.method = topo, get_layout(layout).name, method
         self.group = group_signature(topo)
         self.step: _Step | None = None
+        self.hidden_pads = 0  # left pads the prefill added to the prompt (not in HF's view)
+        self.prompt_mask: torch.Tensor | None = None  # [B, S + pads] key validity of the prompt
         self.ttt_states = TTTStates()  # In-Place TTT layers' fast weights (ctxpar.ttt.stream)
         super().__init__(layers=[CPShardLayer(self) for _ in range(num_layers)])
 
@@ -185,6 +190,13 @@ def _before_forward(cache: CPCache, module, args, kwargs: dict):
     valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
     pos = kwargs.get("position_ids")
     pos = torch.arange(s, device=ids.device).expand(ids.shape[0], s) if pos is None else pos
+    # Left-pad to a length the layout splits, here and not in generate()'s input_ids: HF
+    # never sees these pads (its max_length, min_length and logits processors read the
+    # prompt as given); the cache keeps them as invalid keys and hides them from HF's count.
+    extra = -s % cp_multiple(cache.layout, topo.ring.size, topo.ulysses.size)
+    ids, pos = (F.pad(t, (extra, 0)) for t in (ids, pos))
+    valid = F.pad(valid, (extra, 0), value=False)
+    cache.hidden_pads, cache.prompt_mask, s = extra, valid, s + extra
     holder, index = prefill_holder(cache.layout, topo, s, s - 1)
     cache.step = _Step(False, prefill_slots(cache.layout, topo, s, 0, ids.device), take(valid), holder)
     kwargs.update(input_ids=take(ids), position_ids=take(pos),
@@ -263,17 +275,6 @@ def _check_agreement(topo: CPTopology, input_ids, attention_mask, method: str, l
                    shown=("batch", "prompt length"))
 
 
-def _pad_left(input_ids: torch.Tensor, attention_mask, mult: int):
-    """Left-pad the prompt to a multiple of ``mult``; returns ``(ids, mask, pads added)``."""
-    extra = -input_ids.shape[1] % mult
-    if not extra:
-        return input_ids, attention_mask, 0
-    b = input_ids.shape[0]
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    return (torch.cat([input_ids.new_zeros(b, extra), input_ids], 1),
-            torch.cat([mask.new_zeros(b, extra), mask], 1), extra)
-
-
 def _share_rng(topo: CPTopology, device: torch.device) -> None:
     """Every rank takes CP rank 0's RNG state (CPU, and CUDA for a CUDA model): ring axis
     first, then within each Ulysses group."""
@@ -315,8 +316,6 @@ def generate(model, input_ids: torch.Tensor, *, group=None, method: str = "auto"
         raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
     topo = resolve(group)
     _check_agreement(topo, input_ids, attention_mask, method, layout, generate_kwargs)
-    ids, mask, extra = _pad_left(input_ids, attention_mask,
-                                 cp_multiple(layout, topo.ring.size, topo.ulysses.size))
     cache = CPCache(model.config.num_hidden_layers, topo, layout, method)
     _share_rng(topo, input_ids.device)
     hooks = [model.register_forward_pre_hook(functools.partial(_before_forward, cache),
@@ -326,12 +325,8 @@ def generate(model, input_ids: torch.Tensor, *, group=None, method: str = "auto"
     stops = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
     stops.append(_AgreeOnTokens(cache))
     try:
-        out = model.generate(ids, attention_mask=mask, cache=cache, stopping_criteria=stops,
-                             **generate_kwargs)
+        return model.generate(input_ids, attention_mask=attention_mask, cache=cache,
+                              stopping_criteria=stops, **generate_kwargs)
     finally:
         for hook in hooks:
             hook.remove()
-    if torch.is_tensor(out):
-        return out[:, extra:]
-    out.sequences = out.sequences[:, extra:]
-    return out

@@ -50,7 +50,15 @@ class _GenerationTap:
     converted model (its fast weights are gone): ValueError naming the fix."""
 
     def __init__(self):
-        self.states = self.mask = self.layout = None
+        self.states = self.cache = self._mask = self.layout = None
+
+    @property
+    def mask(self):
+        """The prompt's padding mask ``[B, S]``: the CP cache's own (``prompt_mask``: the
+        prompt as its prefill padded it, which this hook, running first, cannot see yet),
+        else the model's ``attention_mask``."""
+        own = getattr(self.cache, "prompt_mask", None)
+        return own if own is not None else self._mask
 
     def enter(self, module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -62,11 +70,11 @@ class _GenerationTap:
                 "cache=ctxpar.integrations.ttt_generation.TTTCache(model) (one process) or "
                 "ctxpar.integrations.transformers.generate (CP)")
         mask = kwargs.get("attention_mask")
-        self.states, self.layout = states, getattr(cache, "layout", None)
-        self.mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
+        self.states, self.cache, self.layout = states, cache, getattr(cache, "layout", None)
+        self._mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
 
     def leave(self, module, args, kwargs, output):
-        self.states = self.mask = self.layout = None
+        self.states = self.cache = self._mask = self.layout = None
 
 
 def _decoder_layers(model: nn.Module):
