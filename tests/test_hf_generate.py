@@ -142,6 +142,17 @@ def test_sampling_eos_and_logits_processor(run_ranks):
         assert same and err < TOL["float32"], (same, err)
 
 
+class _RankStop(transformers.StoppingCriteria):
+    """Stops rank 1 alone after the first new token (a criterion with rank-local state)."""
+
+    def __init__(self, prompt: int):
+        self.prompt = prompt
+
+    def __call__(self, input_ids, scores, **kwargs):
+        stop = torch.distributed.get_rank() == 1 and input_ids.shape[1] > self.prompt
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool)
+
+
 def _bad_call(case: str):
     rank = torch.distributed.get_rank()
     name = register("ctxpar_gen_bad", layout="zigzag")
@@ -155,6 +166,10 @@ def _bad_call(case: str):
             generate(model, ids, max_new_tokens=2 + rank, pad_token_id=0)
         elif case == "no cache":
             generate(model, ids, use_cache=False, **kw)
+        elif case == "max_time":
+            generate(model, ids, max_time=30.0, **kw)
+        elif case == "criterion":
+            generate(model, ids, stopping_criteria=transformers.StoppingCriteriaList([_RankStop(8)]), **kw)
         else:
             generate(model, ids, layout="contiguous", **kw)
     except ValueError as e:
@@ -164,9 +179,12 @@ def _bad_call(case: str):
 
 @pytest.mark.parametrize("case,match", [
     ("prompt", "input_ids checksum differs"), ("option", "generation options differ"),
-    ("no cache", "use_cache"), ("layout", "layout='contiguous'.*layout='zigzag'")])
+    ("no cache", "use_cache"), ("layout", "layout='contiguous'.*layout='zigzag'"),
+    # A rank-local stop: before, rank 1 left and rank 0 waited for it in the next decode
+    # step's all-gather; max_time (each rank's own clock) is refused up front.
+    ("criterion", "stopping criteria checksum differs"), ("max_time", "max_time")])
 def test_bad_input_same_error_everywhere(run_ranks, case, match):
-    errors = run_ranks(2, _bad_call, case)
+    errors = run_ranks(2, _bad_call, case, timeout=60)
     assert errors[0] == errors[1], errors
     assert re.search(match, errors[0]), errors[0]
 

@@ -65,7 +65,8 @@ UNSUPPORTED = ("assistant_model", "prompt_lookup_num_tokens", "inputs_embeds", "
                "output_hidden_states", "synced_gpus", "negative_prompt_ids", "penalty_alpha",
                "dola_layers", "assistant_early_exit")
 #: Generation-config fields that must keep their single-sequence values.
-_MUST_BE = {"use_cache": True}
+_MUST_BE = {"use_cache": True,
+            "max_time": None}  # each rank's own clock would stop the ranks at different steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,21 +206,27 @@ def _before_forward(cache: CPCache, module, args, kwargs: dict):
 
 
 class _AgreeOnTokens(StoppingCriteria):
-    """A stopping criterion that never stops: after every token selection, the ranks must
-    hold the same new tokens ``[B]`` and caches in the same state (slots used), else the
-    same ValueError on every rank (e.g. a logits processor or sampler that differs between
-    ranks). It runs after the selection, so a rank that picked eos alone is caught before
-    it leaves. One small all-gather per new token, not per layer."""
+    """The caller's stopping criteria (``user``), run so that the ranks agree: after every
+    token selection the ranks must hold the same new tokens ``[B]``, caches in the same
+    state (slots used) and the same stop decision of ``user``, else the same ValueError on
+    every rank (e.g. a logits processor, sampler or stopping criterion that differs between
+    ranks). It runs after the selection, so a rank that picked eos, or that a criterion
+    stopped, alone is caught before it leaves the others waiting. One small all-gather
+    per new token, not per layer."""
 
-    def __init__(self, cache: CPCache):
-        self.cache = cache
+    def __init__(self, cache: CPCache, user: StoppingCriteriaList):
+        self.cache, self.user = cache, user
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if len(self.user):
+            done = done | self.user(input_ids, scores, **kwargs)
         fields = {"cache slots": self.cache.get_seq_length(),
-                  "new token checksum": _checksum(input_ids[:, -1])}
+                  "new token checksum": _checksum(input_ids[:, -1]),
+                  "stopping criteria checksum": _checksum(done)}
         check_agree_on(self.cache.topo, fields, "ctxpar generate() new tokens",
                        device=input_ids.device, shown=("cache slots",))
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return done
 
 
 def _after_forward(cache: CPCache, module, args, kwargs, output):
@@ -305,10 +312,11 @@ def generate(model, input_ids: torch.Tensor, *, group=None, method: str = "auto"
     the prompt is split. ``input_ids`` ``[B, S]`` with an optional left-padding
     ``attention_mask`` ``[B, S]``. Greedy search, sampling, ``max_new_tokens``,
     ``eos_token_id``, logits processors, ``num_return_sequences`` and beam search work (the
-    cache reorders each rank's shard); assisted decoding, a user cache and
-    attention/hidden-state outputs raise ValueError naming the option, as do
-    arguments that differ between ranks, and new tokens that differ between ranks at any
-    step (checked after every token selection; the same error on every rank)."""
+    cache reorders each rank's shard); assisted decoding, a user cache,
+    attention/hidden-state outputs and ``max_time`` (a per-rank clock) raise ValueError
+    naming the option, as do arguments that differ between ranks, and new tokens or
+    stopping decisions (``stopping_criteria``) that differ between ranks at any step
+    (checked after every token selection; the same error on every rank)."""
     _refuse_unsupported(model, generate_kwargs)
     if method not in PREFILL_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {PREFILL_METHODS}")
@@ -322,8 +330,8 @@ def generate(model, input_ids: torch.Tensor, *, group=None, method: str = "auto"
                                              with_kwargs=True),
              model.register_forward_hook(functools.partial(_after_forward, cache),
                                          with_kwargs=True)]
-    stops = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
-    stops.append(_AgreeOnTokens(cache))
+    user = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
+    stops = StoppingCriteriaList([_AgreeOnTokens(cache, user)])
     try:
         return model.generate(input_ids, attention_mask=attention_mask, cache=cache,
                               stopping_criteria=stops, **generate_kwargs)
