@@ -139,6 +139,8 @@ def test_table_and_code(capsys):
     (["--ttt-layers", "40"], "--ttt-layers [40] outside the model's 32 layers"),
     (["--dtype", "int8"], "dtype 'int8' is not one of"),
     (["--validate"], "--validate needs --profile"),
+    (["--validate", "--profile", "/nonexistent/p.json", "--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (["--calibrate", "--worlds", "0"], "--worlds takes local rank counts >= 2"),
 ])
 def test_bad_requests_say_why_and_exit_nonzero(capsys, argv, needle):
     rc, out, err = _cli(capsys, *argv)

@@ -244,7 +244,11 @@ def _calibrate(args) -> int:
     import os
 
     writable_dir(os.path.dirname(os.path.abspath(args.out)), "plan")
-    profile = calibrate(args.on, worlds=_ints(args.worlds, "--worlds"))
+    worlds = _ints(args.worlds, "--worlds")
+    if not worlds or min(worlds) < 2:
+        raise ValueError(f"--worlds takes local rank counts >= 2 (the collectives need two ranks), "
+                         f"got {args.worlds!r}")
+    profile = calibrate(args.on, worlds=worlds)
     write_profile(profile, args.out)
     print(f"wrote {args.out} ({profile['seconds']:.0f} s; load average {profile['load_avg'][0]:.1f} "
           f"on {os.cpu_count()} CPUs)")
@@ -257,6 +261,8 @@ def _validate(args) -> int:
 
     if not args.profile:
         raise ValueError("--validate needs --profile (make one with ctxpar plan --calibrate --out profile.json)")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     rates = load_profile(args.profile)
     if args.bench_results:
         with open(args.bench_results) as f:
