@@ -109,8 +109,9 @@ def summary(m: dict) -> str:
              f"prefill: {m['prefill_s']:.3f} s under CP"
              + (f", {ref['prefill_s']:.3f} s in one process (speedup "
                 f"{ref['prefill_s'] / m['prefill_s']:.2f}x)" if ref else ""),
-             f"decode: {m['decode_tok_s']:,.1f} tokens/s under CP"
-             + (f", {ref['decode_tok_s']:,.1f} tokens/s in one process" if ref else ""),
+             (f"decode: {m['decode_tok_s']:,.1f} tokens/s under CP"
+              + (f", {ref['decode_tok_s']:,.1f} tokens/s in one process" if ref else ""))
+             if c["new_tokens"] > 1 else "decode: none (--new-tokens 1: the prefill gives the only token)",
              "KV cache bytes: " + ", ".join(f"rank {r} {_mib(b)}"
                                            for r, b in enumerate(m["kv_bytes"]))
              + (f"; one process {_mib(ref['kv_bytes'])}" if ref else "")]
