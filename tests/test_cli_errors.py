@@ -51,3 +51,16 @@ def test_nonpositive_hcp_is_rejected(hcp):
 ])
 def test_bad_ttt_flags_are_rejected(args, named):
     _assert_rejected(_train(*args), *named)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here")
+@pytest.mark.parametrize("argv", [["train", *TINY, "--device", "cuda"], ["verify", "--device", "cuda"],
+                                  ["bench", "--quick", "--device", "cuda"],
+                                  ["plan", "--calibrate", "--on", "cuda"]])
+def test_cuda_without_a_gpu_is_refused_at_once(argv):
+    """Before, each rank crashed and the launcher waited 120 s for them (train, verify)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "ctxpar", *argv], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode != 0 and "cuda, but this torch" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr

@@ -52,8 +52,24 @@ def main(argv: list[str] | None = None) -> int:
         if name == chosen:
             importlib.import_module(module).add_arguments(p)
     args = parser.parse_args(argv)
+    _check_cuda(args)
     command = importlib.import_module(SUBCOMMANDS[args.command][0])
     return _run_stoppable(command.run, args)
+
+
+def _check_cuda(args: argparse.Namespace) -> None:
+    """``--device cuda`` (``--on cuda`` for ``plan --calibrate``) where torch sees no GPU:
+    one line now, not a crash on every rank with the launcher waiting for them."""
+    on = getattr(args, "on", None) if getattr(args, "calibrate", False) else None
+    wanted = [flag for flag, value in (("--device", getattr(args, "device", None)), ("--on", on))
+              if value == "cuda"]
+    if not wanted:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit(f"ctxpar {args.command}: {wanted[0]} cuda, but this torch ({torch.__version__}) "
+                         "sees no CUDA device")
 
 
 def _run_stoppable(run, args: argparse.Namespace) -> int:
