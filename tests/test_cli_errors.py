@@ -64,3 +64,17 @@ def test_cuda_without_a_gpu_is_refused_at_once(argv):
                           env=env, timeout=60)
     assert proc.returncode != 0 and "cuda, but this torch" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["verify", "--nproc", "0"], "--nproc 0"), (["bench", "--worlds", "0"], "--worlds"),
+    (["bench", "--repeats", "0"], "--repeats 0"), (["bench", "--seq-lens", "512,x"], "'512,x'")])
+def test_bad_counts_are_refused_before_any_rank(argv, named, tmp_path):
+    """Before: a ZeroDivisionError (verify --nproc 0, bench --worlds 0), or a bench cell
+    that ran and then had no median (--repeats 0)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    extra = ["--out", str(tmp_path / "b")] if argv[0] == "bench" else []
+    proc = subprocess.run([sys.executable, "-m", "ctxpar", *argv, *extra], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert proc.returncode != 0 and named in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr

@@ -247,6 +247,8 @@ def run(args) -> int:
     methods = ([m for m in ctxpar.METHODS if m != "auto"] + ["ttt"] if args.methods == "all"
                else args.methods.split(","))
     world = int(__import__("os").environ.get("WORLD_SIZE", args.nproc)) if under_torchrun() else args.nproc
+    if world < 1:
+        raise SystemExit(f"ctxpar verify: --nproc must be >= 1; got --nproc {args.nproc}")
     mesh = world >= 4 and world % 2 == 0
     if not mesh:
         methods = [m for m in methods if m != "hybrid"] if args.methods == "all" else methods

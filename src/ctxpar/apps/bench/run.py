@@ -96,6 +96,25 @@ def _resolve(args) -> argparse.Namespace:
     return cfg
 
 
+def _check_counts(cfg: argparse.Namespace) -> None:
+    """Counts and sizes a run needs (>= 1; warm-up >= 0): one line naming the flag, before
+    any rank starts."""
+    lists = {"--worlds": cfg.worlds, "--seq-lens": cfg.seq_lens, "--layer-worlds": cfg.layer_worlds}
+    for flag, text in lists.items():
+        try:
+            values = _ints(text)
+        except ValueError:
+            raise SystemExit(f"ctxpar bench: {flag} takes comma-separated integers, got {text!r}") from None
+        if any(v < 1 for v in values) or (flag != "--layer-worlds" and not values):
+            raise SystemExit(f"ctxpar bench: {flag} takes integers >= 1, got {text!r}")
+    for flag, value, least in (("--repeats", cfg.repeats, 1), ("--warmup", cfg.warmup, 0),
+                               ("--batch", cfg.batch, 1), ("--heads", cfg.heads, 1),
+                               ("--kv-heads", cfg.kv_heads, 1), ("--head-dim", cfg.head_dim, 1),
+                               ("--layer-seq-len", cfg.layer_seq_len, 1)):
+        if value < least:
+            raise SystemExit(f"ctxpar bench: {flag} must be >= {least}; got {flag} {value}")
+
+
 def _default_hybrid(world: int) -> tuple[int, int] | None:
     """Method hybrid's default [a2a, p2p] = [2, N/2], for an even N >= 4 (else None)."""
     return (2, world // 2) if world >= 4 and world % 2 == 0 else None
@@ -256,6 +275,7 @@ def run(args) -> int:
 
         return run_million(args)
     cfg = _resolve(args)
+    _check_counts(cfg)
     writable_dir(cfg.out, "bench")
     notes: list[str] = []
     cells = list(_cells(cfg, notes))
