@@ -141,6 +141,7 @@ def test_table_and_code(capsys):
     (["--validate"], "--validate needs --profile"),
     (["--validate", "--profile", "/nonexistent/p.json", "--repeats", "0"], "--repeats must be >= 1, got 0"),
     (["--calibrate", "--worlds", "0"], "--worlds takes local rank counts >= 2"),
+    (["--model", "tiny", "--seq-len", "4096", "--top", "0"], "--top must be >= 1, got 0"),
 ])
 def test_bad_requests_say_why_and_exit_nonzero(capsys, argv, needle):
     rc, out, err = _cli(capsys, *argv)

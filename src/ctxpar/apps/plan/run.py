@@ -186,6 +186,8 @@ def _plan(args) -> int:
     from ctxpar.apps.plan.cost import estimate
     from ctxpar.apps.plan.search import search
 
+    if args.top < 1:
+        raise ValueError(f"--top must be >= 1, got {args.top}")
     model, run, cluster, rates, local = _inputs(args)
     only = _only(args, model, cluster)
     if only is not None:
