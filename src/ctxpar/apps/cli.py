@@ -42,6 +42,15 @@ def writable_dir(path: str, command: str, flag: str = "--out") -> str:
     return path
 
 
+def parse_ints(text: str, flag: str) -> list[int]:
+    """A comma-separated list of integers given to ``flag`` (empty items skipped); a
+    ValueError naming the flag and the text otherwise."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="ctxpar", description=__doc__.splitlines()[0])

@@ -40,6 +40,7 @@ import torch
 
 from ctxpar.apps.bench.cells import (DecoderLayer, rank_cell, rank_layer_memory, reference, rel_errors,
                           single_process, theory_recv_bytes)
+from ctxpar.apps.cli import parse_ints
 
 __all__ = ["add_arguments", "run", "theory_recv_bytes", "DecoderLayer"]
 
@@ -79,10 +80,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     million_arguments(p)
 
 
-def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x.strip()]
-
-
 # ------------------------------------------------------------------------------ theory
 
 
@@ -99,13 +96,14 @@ def _resolve(args) -> argparse.Namespace:
 def _check_counts(cfg: argparse.Namespace) -> None:
     """Counts and sizes a run needs (>= 1; warm-up >= 0): one line naming the flag, before
     any rank starts."""
-    lists = {"--worlds": cfg.worlds, "--seq-lens": cfg.seq_lens, "--layer-worlds": cfg.layer_worlds}
+    lists = {"--worlds": cfg.worlds, "--seq-lens": cfg.seq_lens, "--layer-worlds": cfg.layer_worlds,
+             "--hybrid-sizes": cfg.hybrid_sizes}
     for flag, text in lists.items():
         try:
-            values = _ints(text)
-        except ValueError:
-            raise SystemExit(f"ctxpar bench: {flag} takes comma-separated integers, got {text!r}") from None
-        if any(v < 1 for v in values) or (flag != "--layer-worlds" and not values):
+            values = parse_ints(text, flag)
+        except ValueError as e:
+            raise SystemExit(f"ctxpar bench: {e}") from None
+        if any(v < 1 for v in values) or (flag in ("--worlds", "--seq-lens") and not values):
             raise SystemExit(f"ctxpar bench: {flag} takes integers >= 1, got {text!r}")
     for flag, value, least in (("--repeats", cfg.repeats, 1), ("--warmup", cfg.warmup, 0),
                                ("--batch", cfg.batch, 1), ("--heads", cfg.heads, 1),
@@ -129,8 +127,8 @@ def _cells(cfg, notes: list[str]):
     causals = {"both": (True, False), "yes": (True,), "no": (False,)}[cfg.causal]
     peers = [] if cfg.peers == "none" else (list(PEERS) if cfg.peers == "auto" else cfg.peers.split(","))
     shape = dict(batch=cfg.batch, heads=cfg.heads, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim)
-    for w, s, dt, causal in itertools.product(_ints(cfg.worlds), _ints(cfg.seq_lens),
-                                              cfg.dtypes.split(","), causals):
+    worlds, lengths = parse_ints(cfg.worlds, "--worlds"), parse_ints(cfg.seq_lens, "--seq-lens")
+    for w, s, dt, causal in itertools.product(worlds, lengths, cfg.dtypes.split(","), causals):
         base = dict(shape, world=w, seq_len=s, dtype=dt, causal=causal, peer=False, hybrid=None)
         if w == 1:  # every method and layout is the same local computation on one rank
             notes.append("N=1: one cell per case (every method and layout is the same local kernel call)")
@@ -140,7 +138,7 @@ def _cells(cfg, notes: list[str]):
             m, _, only = m.partition(":")  # "ring:zigzag": this method on this layout only
             hyb = None
             if m == "hybrid":
-                hyb = tuple(_ints(cfg.hybrid_sizes)) if cfg.hybrid_sizes else _default_hybrid(w)
+                hyb = tuple(parse_ints(cfg.hybrid_sizes, "--hybrid-sizes")) if cfg.hybrid_sizes else _default_hybrid(w)
                 if hyb is None or hyb[0] * hyb[1] != w:
                     notes.append(f"hybrid skipped at N={w}: needs --hybrid-sizes a2a,p2p with a2a*p2p={w}")
                     continue
@@ -279,7 +277,7 @@ def run(args) -> int:
     writable_dir(cfg.out, "bench")
     notes: list[str] = []
     cells = list(_cells(cfg, notes))
-    layer_worlds = _ints(cfg.layer_worlds)
+    layer_worlds = parse_ints(cfg.layer_worlds, "--layer-worlds")
     singles: dict = {}
     refs: dict = {}
     rows, layer_rows = [], []

@@ -13,6 +13,8 @@ import dataclasses
 import json
 import sys
 
+from ctxpar.apps.cli import parse_ints
+
 __all__ = ["add_arguments", "run"]
 
 GIB = 1 << 30
@@ -76,25 +78,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
       "profile alone (default: run its cells with the machine's speed probed before each)")
 
 
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
-
-
 def _inputs(args):
     """(model, run, cluster, rates, local_ranks) from the flags; ValueErrors name values."""
     from ctxpar.apps.plan.rates import load_profile, preset_rates
     from ctxpar.apps.plan.specs import ClusterSpec, RunSpec, get_device, get_model
 
     model = get_model(args.model)
-    ttt = _ints(args.ttt_layers, "--ttt-layers")
+    ttt = tuple(parse_ints(args.ttt_layers, "--ttt-layers"))
     bad = [i for i in ttt if not 0 <= i < model.layers]
     if bad:
         raise ValueError(f"--ttt-layers {list(bad)} outside the model's {model.layers} layers")
     run = RunSpec(args.seq_len, batch=args.batch, dtype=args.dtype, causal=args.causal,
-                  window=args.window, docs=_ints(args.docs, "--docs"), ttt_layers=ttt,
+                  window=args.window, docs=tuple(parse_ints(args.docs, "--docs")), ttt_layers=ttt,
                   prefill=args.prefill, sharding=args.sharding)
     if args.nproc is not None:
         if not args.profile:
@@ -246,7 +241,7 @@ def _calibrate(args) -> int:
     import os
 
     writable_dir(os.path.dirname(os.path.abspath(args.out)), "plan")
-    worlds = _ints(args.worlds, "--worlds")
+    worlds = parse_ints(args.worlds, "--worlds")
     if not worlds or min(worlds) < 2:
         raise ValueError(f"--worlds takes local rank counts >= 2 (the collectives need two ranks), "
                          f"got {args.worlds!r}")

@@ -80,16 +80,16 @@ def default_cells() -> list[dict]:
     """The ctxpar cells of ``ctxpar bench``'s default matrix (its own flag defaults):
     N = 1 once per case, every method x layout at N > 1, hybrid [2, N/2] at even N >= 4."""
     from ctxpar.apps.bench import run as bench
+    from ctxpar.apps.cli import parse_ints
 
     p = argparse.ArgumentParser()
     bench.add_arguments(p)
     cfg = p.parse_args([])
-    ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
     shape = dict(batch=cfg.batch, heads=cfg.heads, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
                  causal=cfg.causal != "no", peer=False, hybrid=None)
     cells = []
-    for w in ints(cfg.worlds):
-        for s in ints(cfg.seq_lens):
+    for w in parse_ints(cfg.worlds, "--worlds"):
+        for s in parse_ints(cfg.seq_lens, "--seq-lens"):
             for dt in cfg.dtypes.split(","):
                 base = dict(shape, world=w, seq_len=s, dtype=dt)
                 if w == 1:
