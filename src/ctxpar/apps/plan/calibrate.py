@@ -79,13 +79,14 @@ def attention_samples(heads: int, head_dim: int, dev: torch.device, dtype, repea
         q, k, v, dout = (torch.randn(1, seq_len, heads, head_dim, generator=g).to(dev, dtype)
                          for _ in range(4))
         q, k, v = (t.requires_grad_() for t in (q, k, v))
-        win = (window, 0) if window else (-1, -1)
-        docs = (doc,) * (seq_len // doc) if doc else ()
-        cu = torch.tensor([0] + [doc * (i + 1) for i in range(len(docs))], dtype=torch.int32) if doc else None
+        run = RunSpec(seq_len, dtype="float32", causal=causal, window=window,
+                      docs=(doc,) * (seq_len // doc) if doc else ())
+        cu = None if run.cu_seqlens is None else torch.tensor(run.cu_seqlens, dtype=torch.int32)
         state = {}
 
         def fwd():
-            state["out"] = ctxpar.attention(q, k, v, causal=causal, window=win, cu_seqlens=cu, check_args=False)
+            state["out"] = ctxpar.attention(q, k, v, causal=causal, window=run.window_pair, cu_seqlens=cu,
+                                            check_args=False)
 
         def bwd():
             q.grad = k.grad = v.grad = None
@@ -93,7 +94,6 @@ def attention_samples(heads: int, head_dim: int, dev: torch.device, dtype, repea
 
         t_f = _median_time(fwd, dev, repeats)
         t_b = _median_time(bwd, dev, repeats)
-        run = RunSpec(seq_len, dtype="float32", causal=causal, window=window, docs=docs)
         work = attention_work(run, CPChoice("ring", 1, 1, "contiguous"), sub_tile_rows(dev))[0]
         tiles = [t for w in work for t in w.tiles]
         out.append((*time_pairs(tiles, kernel), len(tiles), t_f, t_b))
