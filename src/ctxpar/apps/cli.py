@@ -42,6 +42,18 @@ def writable_dir(path: str, command: str, flag: str = "--out") -> str:
     return path
 
 
+def check_hcp(args: argparse.Namespace, command: str) -> None:
+    """``--hcp A P`` (a hybrid ``[a2a, p2p]`` mesh): sizes >= 1, else one line and exit;
+    ``--nproc`` becomes ``A*P`` (local processes; under torchrun the world is given)."""
+    if args.hcp is None:
+        return
+    a2a, p2p = args.hcp
+    if min(a2a, p2p) < 1:
+        raise SystemExit(f"ctxpar {command}: --hcp sizes must be >= 1; got --hcp {a2a} {p2p}")
+    if "WORLD_SIZE" not in os.environ:
+        args.nproc = a2a * p2p
+
+
 def parse_ints(text: str, flag: str) -> list[int]:
     """A comma-separated list of integers given to ``flag`` (empty items skipped); a
     ValueError naming the flag and the text otherwise."""

@@ -64,6 +64,7 @@ def config_from_args(args: argparse.Namespace) -> GenerateConfig:
     import os
 
     import ctxpar
+    from ctxpar.apps.cli import check_hcp
     from ctxpar.attn.decode import PREFILL_METHODS
 
     if args.method not in PREFILL_METHODS:
@@ -75,11 +76,8 @@ def config_from_args(args: argparse.Namespace) -> GenerateConfig:
                                ("--new-tokens", args.new_tokens, 1)):
         if value < least:
             raise SystemExit(f"ctxpar generate: {flag} must be >= {least}; got {flag} {value}")
+    check_hcp(args, "generate")
     if args.hcp is not None:
-        if min(args.hcp) < 1:
-            raise SystemExit(f"ctxpar generate: --hcp sizes must be >= 1; got --hcp {args.hcp[0]} {args.hcp[1]}")
-        if "WORLD_SIZE" not in os.environ:
-            args.nproc = args.hcp[0] * args.hcp[1]
         args.hcp = tuple(args.hcp)
     if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
         raise SystemExit(f"ctxpar generate: --model {args.model}: no config.json there (a "

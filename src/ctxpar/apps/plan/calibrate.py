@@ -69,10 +69,10 @@ def attention_samples(heads: int, head_dim: int, dev: torch.device, dtype, repea
     import ctxpar
     from ctxpar.apps.plan.cost import time_pairs
     from ctxpar.apps.plan.specs import RunSpec
-    from ctxpar.apps.plan.work import CPChoice, attention_work
+    from ctxpar.apps.plan.work import CPChoice, attention_work, device_kernel
     from ctxpar.attn.kernels import sub_tile_rows
 
-    kernel = "cpu_flash" if dev.type == "cpu" else "cuda"
+    kernel = device_kernel(dev.type)
     out = []
     for seq_len, window, causal, doc in ATTN_CASES:
         g = torch.Generator().manual_seed(seq_len)

@@ -13,6 +13,7 @@ import json
 import math
 
 from ctxpar.apps.plan.specs import DeviceSpec
+from ctxpar.apps.plan.work import device_kernel
 
 __all__ = ["Rates", "preset_rates", "profile_rates", "load_profile"]
 
@@ -119,14 +120,16 @@ def preset_rates(dev: DeviceSpec) -> Rates:
 def profile_rates(profile: dict) -> Rates:
     """Rates measured by ``ctxpar plan --calibrate`` (the profile JSON as a dict)."""
     attn = {k: {kind: tuple(v[kind]) for kind in ("fwd", "bwd")} for k, v in profile["attn"].items()}
-    comm = {k: {op: tuple(v[op]) for op in COMM_OPS} for k, v in profile["comm"].items()}
+
+    def comm_table(table: dict) -> dict:
+        return {k: {op: tuple(v[op]) for op in COMM_OPS} for k, v in table.items()}
+
     return Rates(profile.get("name", profile["device"]), float(profile["memory"]),
                  float(max(profile["matmul"].values())), attn, dict(profile["matmul"]),
-                 float(profile["mem_bw"]), comm, cores=int(profile.get("cores", 0)),
+                 float(profile["mem_bw"]), comm_table(profile["comm"]), cores=int(profile.get("cores", 0)),
                  sub_tile_rows=int(profile["sub_tile_rows"]), source="profile",
                  slowdown=dict(profile.get("slowdown", {})), probe_s=float(profile.get("probe_s", 0.0)),
-                 kernel="cpu_flash" if profile["device"] == "cpu" else "cuda",
-                 comm_sync={k: {op: tuple(v[op]) for op in COMM_OPS} for k, v in profile.get("comm_sync", {}).items()})
+                 kernel=device_kernel(profile["device"]), comm_sync=comm_table(profile.get("comm_sync", {})))
 
 
 def load_profile(path: str) -> Rates:

@@ -23,7 +23,7 @@ from ctxpar.sequence.layouts import Segment
 from ctxpar.sequence.spec import ShardSpec, cp_multiple, padded_length
 
 __all__ = ["CPChoice", "StepWork", "shard_spec", "attention_work", "comm_bytes",
-           "layer_saved_elements", "visible_pairs", "kernel_pairs", "KERNEL_BLOCKS"]
+           "layer_saved_elements", "visible_pairs", "kernel_pairs", "KERNEL_BLOCKS", "device_kernel"]
 
 METHODS = ("ring", "ulysses", "allgather", "hybrid")
 
@@ -215,6 +215,11 @@ KERNEL_BLOCKS = {
     "cpu_flash": lambda lq, lk: (256 if lq >= 768 else 64 if lq >= 192 else 32, 512 if lk >= 512 else lk),
     "cuda": lambda lq, lk: (128, 128),
 }
+
+
+def device_kernel(device_type: str) -> str:
+    """The :data:`KERNEL_BLOCKS` entry of the fused kernel ctxpar runs on ``device_type``."""
+    return "cpu_flash" if device_type == "cpu" else "cuda"
 
 
 def _causal_block_pairs(n: int, kernel: str) -> int:

@@ -129,14 +129,10 @@ def _check_minimums(args: argparse.Namespace) -> None:
 def _check_method(args: argparse.Namespace) -> None:
     """--hcp sizes, --method and --layout; with --hcp, --nproc becomes their product."""
     import ctxpar
+    from ctxpar.apps.cli import check_hcp
 
-    if args.hcp is not None:
-        a2a, p2p = args.hcp
-        if min(a2a, p2p) < 1:
-            raise SystemExit(f"ctxpar train: --hcp sizes must be >= 1; got --hcp {a2a} {p2p}")
-        if args.nproc != a2a * p2p and "WORLD_SIZE" not in os.environ:
-            args.nproc = a2a * p2p
-    elif args.method not in ctxpar.METHODS or args.method == "hybrid":
+    check_hcp(args, "train")
+    if args.hcp is None and (args.method not in ctxpar.METHODS or args.method == "hybrid"):
         raise SystemExit(f"ctxpar train: --method must be one of "
                          f"{[m for m in ctxpar.METHODS if m != 'hybrid']} (use --hcp A P "
                          f"for 'hybrid'); got {args.method!r}")
